@@ -1,0 +1,107 @@
+"""Claims of the shapes classifier: it reads real images right at any size, and noise at chance."""
+
+import json
+
+import pytest
+import torch
+
+from tld.data import ShapesDataset
+from tld.evaluate import (
+    PRETRAINED_DIR,
+    ShapesClassifier,
+    classifier_accuracy,
+    load_shapes_classifier,
+    save_shapes_classifier,
+    shapes_accuracy,
+    shapes_adherence,
+    train_shapes_classifier,
+)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_shapes_classifier()
+
+
+def test_shipped_weights_are_small_and_load():
+    weights = PRETRAINED_DIR / "model.safetensors"
+    assert weights.is_file(), f"missing {weights}; run `python -m tld.evaluate train-classifier`"
+    assert weights.stat().st_size < 1_000_000
+    config = json.loads((PRETRAINED_DIR / "config.json").read_text())
+    assert config["size"] == 32 and len(config["shapes"]) * len(config["colors"]) == 18
+
+
+@pytest.mark.parametrize("size", [16, 24, 32])
+def test_real_images_score_high_at_every_size(classifier, size):
+    b = ShapesDataset(size=size, seed=123, length=600).batch(range(600))
+    acc = shapes_accuracy(b["image"], b["shape"], b["color"], b["position"], classifier=classifier)
+    assert acc["color"] >= 0.97 and acc["shape"] >= 0.97 and acc["position"] >= 0.97, acc
+    assert acc["all"] <= min(acc["color"], acc["shape"], acc["position"])
+
+
+def test_pure_noise_scores_near_chance(classifier):
+    b = ShapesDataset(size=32, seed=7, length=600).batch(range(600))
+    noise = torch.randn(600, 3, 32, 32, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    acc = shapes_accuracy(noise, b["shape"], b["color"], b["position"], classifier=classifier)
+    # Chance is 1/3 for shape, 1/6 for color, 1/9 for position.
+    assert acc["shape"] < 0.5 and acc["color"] < 0.3 and acc["position"] < 0.25, acc
+
+
+def test_targets_as_names_match_targets_as_indices(classifier):
+    ds = ShapesDataset(size=16, seed=4, length=50)
+    b = ds.batch(range(50))
+    by_index = shapes_accuracy(b["image"], b["shape"], b["color"], classifier=classifier)
+    by_name = shapes_accuracy(b["image"], [ds.shapes[k] for k in b["shape"]],
+                              [ds.colors[k] for k in b["color"]], classifier=classifier)
+    assert by_index == by_name and by_index["position"] is None
+
+
+def test_shapes_adherence_reads_captions_and_images_in_0_1(classifier):
+    b = ShapesDataset(size=24, seed=9, length=200).batch(range(200))
+    acc = shapes_adherence((b["image"] + 1) / 2, b["caption"], classifier=classifier)
+    assert acc["all"] >= 0.95, acc
+    # The same images judged against another set's captions mostly fail.
+    other = ShapesDataset(size=24, seed=10, length=200).batch(range(200))["caption"]
+    assert shapes_adherence((b["image"] + 1) / 2, other, classifier=classifier)["all"] < 0.1
+    with pytest.raises(ValueError, match="cannot parse"):
+        shapes_adherence((b["image"][:1] + 1) / 2, ["a picture of a cat"], classifier=classifier)
+
+
+def test_bad_inputs_raise(classifier):
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        shapes_accuracy(torch.zeros(2, 1, 32, 32), [0, 0], [0, 0], classifier=classifier)
+    with pytest.raises(ValueError, match="teal"):
+        shapes_accuracy(torch.zeros(1, 3, 32, 32), ["circle"], ["teal"], classifier=classifier)
+    with pytest.raises(ValueError, match="2 images but 3"):
+        shapes_accuracy(torch.zeros(2, 3, 32, 32), [0, 0, 0], [0, 0], classifier=classifier)
+
+
+def test_training_from_scratch_reaches_99_percent_and_round_trips(tmp_path):
+    model = train_shapes_classifier(steps=500, seed=0)
+    acc = classifier_accuracy(model, size=32, n=1000, seed=1)
+    assert min(acc["shape"], acc["color"], acc["position"]) >= 0.99, acc
+    loaded = load_shapes_classifier(save_shapes_classifier(model, tmp_path))
+    x = ShapesDataset(size=32, seed=1).grid(8)
+    torch.testing.assert_close(loaded(x)["shape"], model(x)["shape"])
+    assert isinstance(loaded, ShapesClassifier)
+
+
+def test_missing_shipped_weights_fall_back_to_training_and_caching(tmp_path, monkeypatch):
+    import tld.evaluate as ev
+
+    calls = []
+
+    def quick_train(**kw):   # stands in for the ~20 s training run
+        calls.append(kw)
+        return ShapesClassifier()
+
+    monkeypatch.setattr(ev, "PRETRAINED_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(ev, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(ev, "train_shapes_classifier", quick_train)
+    first = ev.load_shapes_classifier()
+    assert (tmp_path / "cache" / "model.safetensors").is_file() and len(calls) == 1
+    ev._LOADED.clear()
+    ev.load_shapes_classifier()   # second time: from the cache, no training
+    assert len(calls) == 1 and isinstance(first, ShapesClassifier)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        ev.load_shapes_classifier(tmp_path / "nowhere")

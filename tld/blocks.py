@@ -1,0 +1,218 @@
+"""Transformer pieces shared by every denoiser (lesson 03).
+
+Attention runs on one of three backends that agree to 1e-5:
+
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
+  kernels on GPU, a fused kernel on CPU). The default.
+- ``xformers``: ``xformers.ops.memory_efficient_attention``, when xformers is installed.
+- ``math``: softmax(q k^T / sqrt(d)) v written out, for teaching and for attention maps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
+
+
+def xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention on [B, H, N, d] tensors; ``mask`` [B, M] is True where a key is kept."""
+    if backend == "sdpa":
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if backend == "math":
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        return scores.softmax(dim=-1) @ v
+    if backend == "xformers":
+        if not xformers_available():
+            raise ValueError("attention backend 'xformers' needs the xformers package: pip install xformers")
+        import xformers.ops as xops
+
+        bias = None
+        if mask is not None:
+            b, h, n, m = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+            bias = torch.zeros(b, h, n, m, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
+        # xformers wants [B, N, H, d]
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+        return out.transpose(1, 2)
+    raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) [B, H, N, M]: the attention map, for pictures."""
+    return ((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused q/k/v projection.
+
+    ``proj=False`` drops the output projection (the TLD reference has none).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, proj: bool = True,
+                 backend: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
+        self.num_heads = num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim) if proj else nn.Identity()
+
+    def qkv_heads(self, x: torch.Tensor):
+        b, n, d = x.shape
+        # [B, N, 3, H, d_h] -> three [B, H, N, d_h] views, no copy until the kernel needs one
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv_heads(x)
+        out = attention(q, k, v, self.backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the tokens, keys and values from a context sequence (text, or TLD's 2 tokens)."""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, qkv_bias: bool = False,
+                 proj: bool = True, backend: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.backend = backend
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim) if proj else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        m, h = context.shape[1], self.num_heads
+        q = self.q(x).view(b, n, h, d // h).transpose(1, 2)
+        kv = self.kv(context).view(b, m, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = attention(q, kv[0], kv[1], self.backend, mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear."""
+
+    def __init__(self, dim: int, hidden: int, approximate: str = "none"):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate=approximate)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ConvMlp(nn.Module):
+    """The depthwise-conv MLP of TLD and LocalViT: 1x1 -> depthwise 3x3 -> GELU -> 1x1.
+
+    Tokens are laid back on their (grid_h, grid_w) patch grid for the 3x3 depthwise conv, which
+    gives every token its neighbours' information inside the MLP. The first ``n_extra`` tokens
+    (time, class, text) are not on the grid: they skip the depthwise conv.
+    """
+
+    def __init__(self, dim: int, hidden: int, grid: tuple[int, int], n_extra: int = 0):
+        super().__init__()
+        self.grid = grid
+        self.n_extra = n_extra
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        extra, patches = h[:, : self.n_extra], h[:, self.n_extra:]
+        b, n, c = patches.shape
+        gh, gw = self.grid
+        if n != gh * gw:
+            raise ValueError(f"ConvMlp expected {gh}x{gw}={gh * gw} patch tokens after {self.n_extra} extra, got {n}")
+        grid = patches.transpose(1, 2).reshape(b, c, gh, gw)
+        patches = self.dwconv(grid).flatten(2).transpose(1, 2)
+        h = torch.cat([extra, patches], dim=1) if self.n_extra else patches
+        return self.fc2(self.act(h))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block (U-ViT): x + Attn(LN x), then x + MLP(LN x).
+
+    With ``skip`` set, the block first fuses a long skip from the shallow half of the network:
+    ``concat``: x = Linear([x, skip]) (U-ViT; replaces x, no residual), ``add``: x = x + skip.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 skip: str | None = None, backend: str = "sdpa", conv_mlp_grid: tuple[int, int] | None = None,
+                 n_extra: int = 0):
+        super().__init__()
+        if skip not in (None, "concat", "add"):
+            raise ValueError(f"unknown skip kind {skip!r}; expected None, 'concat' or 'add'")
+        self.skip = skip
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip == "concat" else None
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=backend)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        if conv_mlp_grid is None:
+            self.mlp = Mlp(dim, hidden)
+        else:
+            self.mlp = ConvMlp(dim, hidden, conv_mlp_grid, n_extra=n_extra)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip == "concat":
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        elif self.skip == "add":
+            x = x + skip
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0,
+                       order: str = "cos_sin") -> torch.Tensor:
+    """Sinusoidal embedding of times t [B] -> [B, dim] (DDPM / guided-diffusion).
+
+    ``scale`` maps tld's t in [0, 1] onto the integer-step range the references embed
+    (t * 1000); frequencies run from 1 down to 1/max_period.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * scale)[:, None] * freqs[None]
+    cos, sin = torch.cos(args), torch.sin(args)
+    emb = torch.cat([cos, sin] if order == "cos_sin" else [sin, cos], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def init_vit_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Truncated-normal(0.02) Linear weights, zero biases, unit LayerNorms (ViT / U-ViT init)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)

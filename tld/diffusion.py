@@ -1,0 +1,318 @@
+"""Forward diffusion in continuous time t in [0, 1]: schedules, noising, prediction targets.
+
+Every schedule writes a noisy sample as ``x_t = alpha_t * x0 + sigma_t * eps`` and exposes
+``alpha(t)``, ``sigma(t)``, ``log_snr(t)`` (lambda_t = log(alpha_t^2 / sigma_t^2)) and the
+inverse ``t_from_log_snr(lambda_t)``. Schedules compute in float64 and return the dtype of
+``t``, so samplers that step in lambda stay accurate in float32 models.
+
+Schedules (lesson 01):
+
+- ``vp-linear``: DDPM's betas, linear from 1e-4 to 0.02 over 1000 steps (Ho et al. 2020).
+  ``t = k / 1000`` is diffusers' integer timestep ``k``: ``alpha(k/1000)**2`` equals
+  ``prod_{j<=k} (1 - beta_j)`` exactly, and log(alpha^2) is linear in t between grid points.
+- ``vp-cosine``: alpha_t = f(t)/f(0), f(t) = cos(pi/2 * (t+s)/(1+s)), s = 0.008
+  (Nichol & Dhariwal 2021), sigma_t = sqrt(1 - alpha_t^2).
+- ``rectified``: TLD's linear interpolation x0 * (1 - sigma) + eps * sigma with sigma = t.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PREDICTIONS = ("eps", "x0", "v")
+TIME_SAMPLERS = ("uniform", "beta", "logit-normal")
+
+
+def _as_tensor(t) -> torch.Tensor:
+    if not torch.is_tensor(t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+    return t
+
+
+def _out(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+    return value.to(dtype)
+
+
+class Schedule:
+    """A noise schedule in continuous time. Subclasses define ``_log_alpha2(t)`` (float64).
+
+    ``t_min`` and ``t_max`` are the default sampling range (training draws t in the same range).
+    """
+
+    name = "schedule"
+    t_min = 0.0
+    t_max = 1.0
+    variance_preserving = True
+
+    # --- what subclasses provide (float64 in, float64 out) ---
+    def _log_alpha2(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _log_sigma2(self, t: torch.Tensor) -> torch.Tensor:
+        # Variance preserving: sigma^2 = 1 - alpha^2, computed without cancellation near t = 0.
+        return torch.log(-torch.expm1(self._log_alpha2(t)))
+
+    def _t_from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- the public interface, on tensors of any shape ---
+    def alpha(self, t) -> torch.Tensor:
+        t = _as_tensor(t)
+        return _out(torch.exp(0.5 * self._log_alpha2(t.double())), t)
+
+    def sigma(self, t) -> torch.Tensor:
+        t = _as_tensor(t)
+        return _out(torch.exp(0.5 * self._log_sigma2(t.double())), t)
+
+    def log_snr(self, t) -> torch.Tensor:
+        """lambda_t = log(alpha_t^2 / sigma_t^2); strictly decreasing in t."""
+        t = _as_tensor(t)
+        td = t.double()
+        return _out(self._log_alpha2(td) - self._log_sigma2(td), t)
+
+    def t_from_log_snr(self, lam) -> torch.Tensor:
+        """The inverse of ``log_snr``: the time at which lambda_t equals ``lam``."""
+        lam = _as_tensor(lam)
+        return _out(self._t_from_log_snr(lam.double()), lam)
+
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.alpha(t), self.sigma(t)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class VPLinear(Schedule):
+    """DDPM's discrete linear betas, made continuous by interpolating log(alpha^2) in t."""
+
+    name = "vp-linear"
+    t_min = 0.0
+    t_max = 0.999  # diffusers' last timestep, 999
+
+    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000):
+        self.num_steps = num_steps
+        self.betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        # one more beta so that t = 1 (k = num_steps) is defined too
+        step = (beta_end - beta_start) / (num_steps - 1)
+        betas_ext = torch.cat([self.betas, torch.tensor([beta_end + step], dtype=torch.float64)])
+        self._grid_log_alpha2 = torch.cumsum(torch.log1p(-betas_ext), 0)  # at t_k = k / num_steps
+        self.alphas_cumprod = torch.exp(self._grid_log_alpha2[:num_steps])
+
+    def _log_alpha2(self, t):
+        g = self._grid_log_alpha2.to(t.device)
+        k = (t * self.num_steps).clamp(0, self.num_steps)
+        lo = k.floor().clamp(max=self.num_steps - 1).long()
+        frac = k - lo
+        return g[lo] + frac * (g[lo + 1] - g[lo])
+
+    def _t_from_log_snr(self, lam):
+        g = self._grid_log_alpha2.to(lam.device)
+        la2 = torch.nn.functional.logsigmoid(lam)  # log alpha^2 = log sigmoid(lambda) for VP
+        # g is decreasing: search on its negation, then interpolate linearly in the segment.
+        neg = (-g).contiguous()
+        idx = torch.searchsorted(neg, (-la2).contiguous().reshape(-1)).reshape(la2.shape)
+        hi = idx.clamp(1, self.num_steps)
+        lo = hi - 1
+        frac = (la2 - g[lo]) / (g[hi] - g[lo])
+        return (lo + frac) / self.num_steps
+
+
+class VPCosine(Schedule):
+    """iDDPM's cosine schedule (Nichol & Dhariwal 2021, eq. 17) with offset s = 0.008."""
+
+    name = "vp-cosine"
+    t_min = 0.0
+    t_max = 0.999  # alpha_1 = 0 exactly; stop just short so every conversion is finite
+
+    def __init__(self, s: float = 0.008):
+        self.s = s
+        self._theta0 = math.pi / 2 * s / (1 + s)
+
+    def _theta(self, t):
+        return math.pi / 2 * (t + self.s) / (1 + self.s)
+
+    def _log_alpha2(self, t):
+        return 2 * (torch.log(torch.cos(self._theta(t))) - math.log(math.cos(self._theta0)))
+
+    def _log_sigma2(self, t):
+        # cos^2 b - cos^2 a = sin(a + b) sin(a - b): no cancellation near t = 0
+        a = self._theta(t)
+        b = self._theta0
+        return torch.log(torch.sin(a + b) * torch.sin(a - b)) - 2 * math.log(math.cos(b))
+
+    def _t_from_log_snr(self, lam):
+        alpha = torch.exp(0.5 * torch.nn.functional.logsigmoid(lam))
+        theta = torch.acos((alpha * math.cos(self._theta0)).clamp(-1, 1))
+        return theta * 2 / math.pi * (1 + self.s) - self.s
+
+
+class Rectified(Schedule):
+    """TLD's linear interpolation: x_t = (1 - t) * x0 + t * eps, so alpha = 1 - t, sigma = t."""
+
+    name = "rectified"
+    t_min = 0.0
+    t_max = 1.0
+    variance_preserving = False
+
+    def _log_alpha2(self, t):
+        return 2 * torch.log1p(-t)
+
+    def _log_sigma2(self, t):
+        return 2 * torch.log(t)
+
+    def _t_from_log_snr(self, lam):
+        # lambda = 2 log((1 - t) / t)  =>  t = sigmoid(-lambda / 2)
+        return torch.sigmoid(-lam / 2)
+
+
+SCHEDULES = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "rectified": Rectified}
+
+
+def get_schedule(name: str | Schedule, **kwargs) -> Schedule:
+    """Build a schedule by name: ``vp-linear``, ``vp-cosine`` or ``rectified``."""
+    if isinstance(name, Schedule):
+        return name
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; expected one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name](**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Noising and the three prediction targets
+# ---------------------------------------------------------------------------------------------
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, 1, ...] to broadcast against x."""
+    v = v.to(device=x.device, dtype=x.dtype)
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """x_t = alpha_t * x0 + sigma_t * eps, with t of shape [B] (or a scalar)."""
+    if x0.shape != eps.shape:
+        raise ValueError(f"x0 has shape {tuple(x0.shape)} but eps has {tuple(eps.shape)}; they must match")
+    t = torch.as_tensor(t, device=x0.device)
+    if t.ndim == 0:
+        t = t.expand(x0.shape[0])
+    alpha_t, sigma_t = _bcast(schedule.alpha(t), x0), _bcast(schedule.sigma(t), x0)
+    return alpha_t * x0 + sigma_t * eps
+
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+
+
+def convert(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: Schedule,
+            src: str, dst: str) -> torch.Tensor:
+    """Turn a model output of kind ``src`` into kind ``dst`` (each of eps, x0, v).
+
+    With x_t = a x0 + s eps and v = a eps - s x0 (Salimans & Ho 2022), for any schedule:
+    x0 = (a x_t - s v) / (a^2 + s^2) and eps = (s x_t + a v) / (a^2 + s^2).
+    """
+    _check_prediction(src)
+    _check_prediction(dst)
+    if src == dst:
+        return pred
+    t = torch.as_tensor(t, device=x_t.device)
+    if t.ndim == 0:
+        t = t.expand(x_t.shape[0])
+    a, s = _bcast(schedule.alpha(t), x_t), _bcast(schedule.sigma(t), x_t)
+    # first to (x0, eps) ...
+    if src == "eps":
+        eps = pred
+        x0 = (x_t - s * eps) / a
+    elif src == "x0":
+        x0 = pred
+        eps = (x_t - a * x0) / s
+    else:
+        norm = a * a + s * s
+        x0 = (a * x_t - s * pred) / norm
+        eps = (s * x_t + a * pred) / norm
+    # ... then to what was asked for
+    if dst == "x0":
+        return x0
+    if dst == "eps":
+        return eps
+    return a * eps - s * x0
+
+
+def to_x0(pred, x_t, t, schedule, prediction):
+    return convert(pred, x_t, t, schedule, prediction, "x0")
+
+
+def to_eps(pred, x_t, t, schedule, prediction):
+    return convert(pred, x_t, t, schedule, prediction, "eps")
+
+
+def to_v(pred, x_t, t, schedule, prediction):
+    return convert(pred, x_t, t, schedule, prediction, "v")
+
+
+def target(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, schedule: Schedule, prediction: str) -> torch.Tensor:
+    """What a model of the given prediction type should output for (x0, eps, t)."""
+    _check_prediction(prediction)
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    a, s = _bcast(schedule.alpha(t), x0), _bcast(schedule.sigma(t), x0)
+    return a * eps - s * x0
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-time distributions of t
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_t(n: int, kind: str = "uniform", *, generator: torch.Generator | None = None,
+             device=None, t_min: float = 0.0, t_max: float = 1.0,
+             beta_a: float = 1.0, beta_b: float = 2.5, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """Draw n training times in [t_min, t_max].
+
+    - ``uniform``: the usual choice for VP schedules.
+    - ``beta``: Beta(a, b) — TLD draws sigma ~ Beta(1, 2.5), favouring low noise. Sampled by the
+      inverse CDF, which is closed-form when a == 1 or b == 1, so it is reproducible by generator.
+    - ``logit-normal``: sigmoid(mean + std * N(0, 1)) (Esser et al. 2024, SD3), favouring the middle.
+    """
+    if kind not in TIME_SAMPLERS:
+        raise ValueError(f"unknown time sampler {kind!r}; expected one of {TIME_SAMPLERS}")
+    if kind == "logit-normal":
+        u = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+    else:
+        u = torch.rand(n, generator=generator, device=device)
+        if kind == "beta":
+            if beta_a == 1.0:  # CDF 1 - (1 - x)^b
+                u = 1 - (1 - u) ** (1.0 / beta_b)
+            elif beta_b == 1.0:  # CDF x^a
+                u = u ** (1.0 / beta_a)
+            else:
+                raise ValueError(f"beta time sampler supports a == 1 or b == 1 (got a={beta_a}, b={beta_b})")
+    return t_min + (t_max - t_min) * u
+
+
+def loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+         schedule: Schedule, prediction: str) -> torch.Tensor:
+    """Mean squared error against the target of ``prediction``, one value per example ([B])."""
+    tgt = target(x0, eps, t, schedule, prediction)
+    if pred.shape != tgt.shape:
+        raise ValueError(f"model output has shape {tuple(pred.shape)}, expected {tuple(tgt.shape)}")
+    return (pred.float() - tgt.float()).pow(2).flatten(1).mean(1)
+
+
+def training_loss(model, x0: torch.Tensor, cond, schedule: Schedule, *, prediction: str = "eps",
+                  time_sampler: str = "uniform", generator: torch.Generator | None = None,
+                  t_min: float | None = None, t_max: float | None = None, **time_kwargs):
+    """One draw of the diffusion loss: sample t and eps, noise x0, ask the model. Returns [B] losses."""
+    b = x0.shape[0]
+    t = sample_t(b, time_sampler, generator=generator, device=x0.device,
+                 t_min=schedule.t_min if t_min is None else t_min,
+                 t_max=schedule.t_max if t_max is None else t_max, **time_kwargs).to(x0.dtype)
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = add_noise(x0, eps, t, schedule)
+    pred = model(x_t, t, cond)
+    return loss(pred, x0, eps, t, schedule, prediction)

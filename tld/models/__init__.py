@@ -1,0 +1,72 @@
+"""Denoisers and their named presets (lessons 04, 05, 11).
+
+Every model is called as ``model(x, t, cond) -> prediction`` with x [B, C, H, W] and t [B] in
+[0, 1]. ``create(name, **overrides)`` builds a preset; it works under ``torch.device("meta")``
+so the papers' largest models can be counted without allocating them::
+
+    with torch.device("meta"):
+        n = count_parameters(create("uvit-h/2"))   # 500,832,016
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Preset:
+    builder: str  # "module:Class", imported on use
+    kwargs: dict = field(default_factory=dict)
+    doc: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    # U-ViT, Bao et al. 2023, Table 7: the paper's exact configurations.
+    "uvit-s/2": Preset("uvit:UViT", dict(img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=12,
+                                         num_heads=8, conv=True),
+                       "U-ViT-S/2, CIFAR-10 32x32, unconditional, 3x3 output conv (44,255,328 params)"),
+    "uvit-h/2": Preset("uvit:UViT", dict(img_size=32, patch_size=2, in_chans=4, embed_dim=1152, depth=28,
+                                         num_heads=16, num_classes=1000, conv=False),
+                       "U-ViT-H/2, ImageNet-256 latents 4x32x32, 1000 classes + null (500,832,016 params)"),
+    # Course presets: small enough to train on a laptop CPU.
+    "uvit-tiny": Preset("uvit:UViT", dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2,
+                                          num_heads=2, num_classes=18),
+                        "a few-thousand-parameter U-ViT for tests"),
+    "uvit-course": Preset("uvit:UViT", dict(img_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6,
+                                            num_heads=4, num_classes=18, conv_mlp=True),
+                          "the CPU course model: shapes 32x32, 18 classes, depthwise-conv MLP"),
+}
+
+
+def register(name: str, builder: str, doc: str = "", **kwargs) -> None:
+    """Add a preset (used by the other model modules)."""
+    PRESETS[name] = Preset(builder, kwargs, doc)
+
+
+def _builder(spec: str):
+    module, cls = spec.split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def create(name: str, **overrides) -> nn.Module:
+    """Build the preset ``name``, with any constructor argument overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    preset = PRESETS[name]
+    cls = _builder(preset.builder)
+    return cls(**{**preset.kwargs, **overrides})
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_on_meta(name: str, **overrides) -> int:
+    """Parameter count of a preset, built on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        return count_parameters(create(name, **overrides))
+

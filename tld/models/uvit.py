@@ -1,0 +1,117 @@
+"""U-ViT: all inputs are tokens, with long skips (Bao et al., CVPR 2023; lesson 04).
+
+Time, class label (or text) and image patches all enter as tokens of one sequence, with one
+learned 1-D position embedding over the whole sequence. Blocks come in a shallow half, a
+middle block and a deep half; each deep block fuses the output of its mirror-image shallow
+block at its entry, last in first out. Head: LayerNorm -> Linear -> unpatchify -> 3x3 conv.
+
+Token order (the reference's): class models [label, time, patches]; text models
+[time, text tokens, patches]; unconditional [time, patches]. The time token is the raw
+sinusoid of 1000 * t (no MLP) unless ``mlp_time_embed`` is set.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..blocks import Block, init_vit_weights, timestep_embedding
+from ..patch import LearnedPosEmbed, PatchEmbed, check_patchable, unpatchify
+
+
+class UViT(nn.Module):
+    def __init__(self, img_size: int = 32, patch_size: int = 2, in_chans: int = 3, embed_dim: int = 512,
+                 depth: int = 12, num_heads: int = 8, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 num_classes: int = 0, class_dropout_null: bool = True, text_dim: int = 0, text_len: int = 77,
+                 conv: bool = True, skip: str | None = "concat", mlp_time_embed: bool = False,
+                 conv_mlp: bool = False, attn_backend: str = "sdpa", gradient_checkpointing: bool = False):
+        super().__init__()
+        check_patchable(img_size, img_size, patch_size)
+        if num_classes and text_dim:
+            raise ValueError("a U-ViT is conditioned on class labels or on text, not both")
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.embed_dim = embed_dim
+        self.num_classes = num_classes
+        self.text_dim, self.text_len = text_dim, text_len
+        self.gradient_checkpointing = gradient_checkpointing
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        grid = img_size // patch_size
+        num_patches = grid * grid
+        self.time_embed = (
+            nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim))
+            if mlp_time_embed else nn.Identity()
+        )
+        if num_classes:
+            # one extra row, index num_classes, is the "no label" class for classifier-free guidance
+            self.label_emb = nn.Embedding(num_classes + int(class_dropout_null), embed_dim)
+            self.extras = 2
+        elif text_dim:
+            self.context_embed = nn.Linear(text_dim, embed_dim)
+            self.extras = 1 + text_len
+        else:
+            self.extras = 1
+        self.pos_embed = LearnedPosEmbed(self.extras + num_patches, embed_dim)
+
+        conv_grid = (grid, grid) if conv_mlp else None
+        make = lambda skip_kind: Block(embed_dim, num_heads, mlp_ratio, qkv_bias, skip=skip_kind,
+                                       backend=attn_backend, conv_mlp_grid=conv_grid, n_extra=self.extras)
+        self.in_blocks = nn.ModuleList([make(None) for _ in range(depth // 2)])
+        self.mid_block = make(None)
+        self.out_blocks = nn.ModuleList([make(skip) for _ in range(depth // 2)])
+
+        self.norm = nn.LayerNorm(embed_dim)
+        self.decoder_pred = nn.Linear(embed_dim, patch_size * patch_size * in_chans)
+        self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
+        self.apply(init_vit_weights)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def _check_inputs(self, x, t, cond):
+        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
+            raise ValueError(f"expected x of shape [B, {self.in_chans}, {self.img_size}, {self.img_size}], "
+                             f"got {tuple(x.shape)}")
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"expected t of shape [{x.shape[0]}] (one time in [0, 1] per image), got {tuple(t.shape)}")
+        if self.num_classes and (cond is None or cond.shape != (x.shape[0],)):
+            raise ValueError(f"this U-ViT is class-conditional: cond must be [B] integer labels, got "
+                             f"{None if cond is None else tuple(cond.shape)}")
+        if self.text_dim and (cond is None or cond.shape[1:] != (self.text_len, self.text_dim)):
+            raise ValueError(f"this U-ViT takes text tokens [B, {self.text_len}, {self.text_dim}], got "
+                             f"{None if cond is None else tuple(cond.shape)}")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        self._check_inputs(x, t, cond)
+        tokens = self.patch_embed(x)
+        time_token = self.time_embed(timestep_embedding(t, self.embed_dim).to(tokens.dtype))[:, None]
+        if self.num_classes:
+            extra = [self.label_emb(cond)[:, None], time_token]
+        elif self.text_dim:
+            extra = [time_token, self.context_embed(cond.to(tokens.dtype))]
+        else:
+            extra = [time_token]
+        x = self.pos_embed(torch.cat(extra + [tokens], dim=1))
+
+        run = self._run_block
+        skips = []
+        for blk in self.in_blocks:
+            x = run(blk, x)
+            skips.append(x)
+        x = run(self.mid_block, x)
+        for blk in self.out_blocks:
+            x = run(blk, x, skips.pop())  # last in, first out
+
+        x = self.decoder_pred(self.norm(x))[:, self.extras:]
+        x = unpatchify(x, self.patch_size, self.in_chans)
+        return self.final_layer(x)
+
+    def _run_block(self, blk, x, skip=None):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, x, skip, use_reentrant=False)
+        return blk(x, skip)
