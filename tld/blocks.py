@@ -98,6 +98,8 @@ class CrossAttention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
         self.num_heads = num_heads
         self.backend = backend
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -181,6 +183,8 @@ class Block(nn.Module):
             self.mlp = ConvMlp(dim, hidden, conv_mlp_grid, n_extra=n_extra)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip is not None and skip is None:
+            raise ValueError(f"this block fuses a long skip ({self.skip!r}); pass the shallow tokens as skip")
         if self.skip == "concat":
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         elif self.skip == "add":
@@ -216,3 +220,82 @@ def init_vit_weights(module: nn.Module, std: float = 0.02) -> None:
         if module.weight is not None:
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning blocks: adaLN-Zero (DiT, lesson 05) and cross-attention (TLD, lesson 05)
+# ---------------------------------------------------------------------------------------------
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x * (1 + scale) + shift, with one (shift, scale) per sample broadcast over tokens.
+
+    ``x`` is [B, N, D] and shift/scale [B, D]. Writing ``1 + scale`` means a zero scale is the
+    identity, which is what makes a zero-initialised modulation start as a plain LayerNorm.
+    """
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class AdaLNZeroBlock(nn.Module):
+    """DiT block: LayerNorms without affine whose shift/scale, and residual gates, come from c.
+
+    SiLU -> Linear(cond_dim, 6D) turns the condition c [B, cond_dim] into (shift, scale, gate)
+    for the attention and for the MLP. The Linear is zero-initialised, so every gate is 0 and
+    the block starts as the identity (DiT, Peebles & Xie 2023, section 3.2 "adaLN-Zero").
+    ``mlp_eps`` lets diffusers' DiT (LayerNorm eps 1e-5 before the MLP) be reproduced exactly.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, cond_dim: int | None = None,
+                 eps: float = 1e-6, mlp_eps: float | None = None, backend: str = "sdpa"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=True, backend=backend)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps if mlp_eps is None else mlp_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="tanh")
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 6 * dim))
+        self.zero_init()
+
+    def zero_init(self) -> None:
+        """Zero the modulation: gates 0, so the block is the identity (adaLN-Zero)."""
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class CrossAttentionBlock(nn.Module):
+    """TLD block: self-attention -> cross-attention to a context -> MLP, each with a residual.
+
+    ``norm="post"`` is the TLD reference (x = LN(x + f(x)), apapiu/transformer_latent_diffusion
+    ``DecoderBlock``); ``norm="pre"`` (x = x + f(LN x)) is the usual, easier-to-train choice.
+    ``attn_proj=False`` drops the attention output projections, as the reference does.
+    With ``conv_mlp_grid`` the MLP is the depthwise-conv MLP (``ConvMlp``).
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, cross_heads: int | None = None,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = False, attn_proj: bool = True, norm: str = "pre",
+                 conv_mlp_grid: tuple[int, int] | None = None, backend: str = "sdpa"):
+        super().__init__()
+        if norm not in ("pre", "post"):
+            raise ValueError(f"unknown norm placement {norm!r}; expected 'pre' or 'post'")
+        self.norm_kind = norm
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj=attn_proj, backend=backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_attn = CrossAttention(dim, context_dim, cross_heads or num_heads, qkv_bias=qkv_bias,
+                                         proj=attn_proj, backend=backend)
+        self.norm3 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = Mlp(dim, hidden) if conv_mlp_grid is None else ConvMlp(dim, hidden, conv_mlp_grid)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.norm_kind == "post":
+            x = self.norm1(x + self.attn(x))
+            x = self.norm2(x + self.cross_attn(x, context, mask))
+            return self.norm3(x + self.mlp(x))
+        x = x + self.attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), context, mask)
+        return x + self.mlp(self.norm3(x))

@@ -18,8 +18,9 @@ def check_patchable(height: int, width: int, patch_size: int) -> None:
     for name, n in (("height", height), ("width", width)):
         if n % patch_size:
             lo, hi = n - n % patch_size, n - n % patch_size + patch_size
+            lo, hi = (lo, hi) if lo else (hi, hi + patch_size)  # smaller than one patch: two sizes up
             raise ValueError(
-                f"image {name} {n} is not divisible by patch size {patch_size}; use {lo or hi} or {hi}"
+                f"image {name} {n} is not divisible by patch size {patch_size}; use {lo} or {hi}"
             )
 
 

@@ -6,11 +6,17 @@ with classifier-free guidance, and runs the sampler over a grid of times.
 
 Time grid: ``steps + 1`` times from ``t_max`` down to ``t_min``; the model is called at the first
 ``steps`` of them. With ``final_denoise=True`` the last update lands on clean data (sigma = 0)
-instead of on ``t_min``, i.e. it returns the last prediction of x0 carried to sigma = 0.
+instead of on ``t_min`` (a first-order step: x = the last prediction of x0, as in diffusers).
+
+Symbols: ``alpha_t``, ``sigma_t`` of the schedule; ``lambda_t = log(alpha_t / sigma_t)`` is *half*
+of ``Schedule.log_snr`` (DPM-Solver's convention); ``h = lambda_s - lambda_t`` for a step t -> s.
+Rectified starts at t = 1 where alpha = 0 and lambda = -inf, and clean data has lambda = +inf:
+every sampler takes those ends as limits (e^{-h} = 0, sigma_s / sigma_t finite), never 0 * inf.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -18,128 +24,362 @@ from tqdm.auto import tqdm
 
 from .diffusion import PREDICTIONS, Schedule, convert, get_schedule
 
-SAMPLERS = ("ddpm", "ddim")
-SPACINGS = ("time", "logsnr")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "euler")
+SPACINGS = ("time", "logsnr", "karras")
+# Measured on the closed-form GMM problem (python -m tld.bench spacing; lesson 07): at 10 steps
+# DPM-Solver++(2M) is most accurate with logSNR-uniform steps on all three schedules.
+DEFAULT_SPACING = "logsnr"
+# logsnr / karras grids run between these noise levels in EDM units sigma~ = sigma / alpha
+# (Karras et al. 2022 use 0.002..80); the first and last time stay t_max and t_min exactly.
+SIGMA_TILDE_MIN, SIGMA_TILDE_MAX = 0.03, 80.0
+KARRAS_RHO = 7.0
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) if v.ndim else v.to(x.dtype)
+# ---------------------------------------------------------------------------------------------
+# Time grids
+# ---------------------------------------------------------------------------------------------
 
 
-def time_grid(schedule: Schedule, steps: int, spacing: str = "time", t_max: float | None = None,
+def time_grid(schedule: Schedule, steps: int, spacing: str = DEFAULT_SPACING, t_max: float | None = None,
               t_min: float | None = None) -> torch.Tensor:
     """``steps + 1`` decreasing times from t_max to t_min (float64).
 
-    ``time``: uniform in t. ``logsnr``: uniform in lambda_t = log(alpha_t^2 / sigma_t^2).
+    ``time``: uniform in t (diffusers' "linspace"). ``logsnr``: uniform in lambda_t (DPM-Solver's
+    choice). ``karras``: sigma~ = sigma / alpha spaced as sigma~^(1/7) uniform (Karras et al. 2022,
+    eq. 5). For the last two the spaced range is clipped to sigma~ in [0.002, 1000] so that
+    infinite log-SNR ends (rectified at t = 1, clean data at t = 0) still give a finite grid.
     """
+    schedule = get_schedule(schedule)
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    t_max = schedule.t_max if t_max is None else t_max
-    t_min = schedule.t_min if t_min is None else t_min
+    t_max = schedule.t_max if t_max is None else float(t_max)
+    t_min = schedule.t_min if t_min is None else float(t_min)
     if not 0 <= t_min < t_max <= 1:
         raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
     if spacing == "time":
         return torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+    lam_lo, lam_hi = -2 * math.log(SIGMA_TILDE_MAX), -2 * math.log(SIGMA_TILDE_MIN)  # in log_snr units
+    ends = schedule.log_snr(torch.tensor([t_max, t_min], dtype=torch.float64)).clamp(lam_lo, lam_hi)
+    if ends[0] >= ends[1]:
+        raise ValueError(f"t_max={t_max} and t_min={t_min} fall outside the spaced range; use spacing='time'")
     if spacing == "logsnr":
-        lam = schedule.log_snr(torch.tensor([t_max, t_min], dtype=torch.float64))
-        if not torch.isfinite(lam).all():
-            raise ValueError(f"logsnr spacing needs a finite log-SNR at t_max and t_min (got {lam.tolist()}); "
-                             "move t_min above 0 or t_max below 1")
-        return schedule.t_from_log_snr(torch.linspace(lam[0].item(), lam[1].item(), steps + 1, dtype=torch.float64))
-    raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+        lam = torch.linspace(ends[0].item(), ends[1].item(), steps + 1, dtype=torch.float64)
+    else:
+        inv_rho = 1.0 / KARRAS_RHO
+        st_max, st_min = torch.exp(-ends / 2).tolist()  # log_snr = -2 log sigma~
+        ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+        st = (st_max**inv_rho + ramp * (st_min**inv_rho - st_max**inv_rho)) ** KARRAS_RHO
+        lam = -2 * torch.log(st)
+    ts = schedule.t_from_log_snr(lam)
+    ts[0], ts[-1] = t_max, t_min
+    return ts
+
+
+def _grid_values(schedule: Schedule, ts: torch.Tensor, final_denoise: bool):
+    """alpha, sigma, lambda = log(alpha / sigma) at each grid time, as Python floats.
+
+    With ``final_denoise`` the last point is clean data: alpha = 1, sigma = 0, lambda = +inf.
+    """
+    ts = ts.double().cpu()
+    alphas, sigmas = schedule.alpha(ts).tolist(), schedule.sigma(ts).tolist()
+    lams = (0.5 * schedule.log_snr(ts)).tolist()
+    if final_denoise:
+        alphas[-1], sigmas[-1], lams[-1] = 1.0, 0.0, math.inf
+    return alphas, sigmas, lams
+
+
+# ---------------------------------------------------------------------------------------------
+# The denoiser: any model and prediction type -> (x0_pred, eps_pred), with guidance
+# ---------------------------------------------------------------------------------------------
+
+
+def _lincomb(x, c: float, *terms):
+    """c * x + sum(w * y for y, w in terms), in 1 + len(terms) passes over memory.
+
+    The sampler updates below are written out this way because on small inputs a sampler step
+    costs its number of elementwise passes; the comments give the textbook form.
+    """
+    out = x * c
+    for y, w in terms:
+        out.add_(y, alpha=w)
+    return out
+
+
+def _split(out, x, a: float, s: float, prediction: str):
+    """Model output of kind ``prediction`` at (alpha, sigma) = (a, s) -> (x0, eps), scalars only."""
+    if prediction == "eps":  # x0 = (x - sigma eps) / alpha
+        inv_a = 1.0 / a if a else math.inf
+        return _lincomb(x, inv_a, (out, -s * inv_a)), out
+    if prediction == "x0":  # eps = (x - alpha x0) / sigma; at sigma = 0 eps is unused: zeros, not 0/0
+        return out, _lincomb(x, 1.0 / s, (out, -a / s)) if s > 0 else torch.zeros_like(out)
+    norm = a * a + s * s  # v = alpha eps - sigma x0 (Salimans & Ho 2022)
+    return _lincomb(x, a / norm, (out, -s / norm)), _lincomb(x, s / norm, (out, a / norm))
+
+
+def _as(x0, eps, x, a: float, s: float, space: str):
+    if space == "x0":
+        return x0
+    if space == "eps":
+        return eps
+    return a * eps - s * x0
 
 
 def make_denoiser(model, schedule: Schedule, prediction: str = "eps", cond=None, null_cond=None,
-                  guidance: float = 1.0) -> Denoiser:
+                  guidance: float = 1.0, guidance_space: str | None = None, times=None) -> Denoiser:
     """Wrap ``model(x, t, cond)`` as D(x, t) -> (x0_pred, eps_pred), with classifier-free guidance.
 
-    Guidance combines the two predictions as ``uncond + w * (cond - uncond)`` in the model's own
-    output space; for eps, x0 and v this is the same affine combination, so the result agrees in
-    every space. With w > 1 both branches run in one batched call.
+    Guidance (Ho & Salimans 2022, eq. 6) is ``uncond + w * (cond - uncond)``, taken in
+    ``guidance_space`` (eps, x0 or v; default: the model's own output). At fixed (x_t, t) every
+    conversion is affine in the output with the same x_t for both branches, so the result is the
+    same in every space (lesson 08 checks it). w = 1: one call per step; w != 1: both branches in
+    one batched call. ``times``: the grid it will be called on, so alpha and sigma are computed
+    once, vectorised (the schedule's float64 maths costs more than a sampler step on small inputs).
     """
+    schedule = get_schedule(schedule)
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+    space = prediction if guidance_space is None else guidance_space
+    if space not in PREDICTIONS:
+        raise ValueError(f"unknown guidance_space {guidance_space!r}; expected one of {PREDICTIONS}")
     if guidance != 1.0 and null_cond is None:
         raise ValueError(f"guidance={guidance} needs null_cond (the 'no condition' input to guide against)")
+    guided = guidance != 1.0
+    both_cond = _cat_cond(cond, null_cond) if guided else None
+    cache: dict = {}
+    if times is not None:
+        td = torch.as_tensor(times, dtype=torch.float64).flatten().cpu()
+        for t, a, s in zip(td.tolist(), schedule.alpha(td).tolist(), schedule.sigma(td).tolist()):
+            cache[t] = (a, s, None)
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tb = t.to(x.dtype).expand(x.shape[0]) if t.ndim == 0 else t.to(x.dtype)
-        if guidance == 1.0:
-            out = model(x, tb, cond)
-        else:
-            both = model(torch.cat([x, x]), torch.cat([tb, tb]), _cat_cond(cond, null_cond))
-            out_c, out_u = both.chunk(2)
-            out = out_u + guidance * (out_c - out_u)
-        x0 = convert(out, x, tb, schedule, prediction, "x0")
-        eps = convert(out, x, tb, schedule, prediction, "eps")
-        return x0, eps
+        if t.ndim != 0:  # one time per example: the general (slower) path
+            return _denoise_batched_t(model, x, t, schedule, prediction, cond, both_cond, guidance, space)
+        key = float(t)
+        a, s, tb = cache.get(key) or (None, None, None)
+        if tb is None:  # alpha, sigma as floats and the [B] time tensor, once per grid time
+            if a is None:
+                a, s = schedule.alpha(t.double().cpu()).item(), schedule.sigma(t.double().cpu()).item()
+            n = x.shape[0] * (2 if guided else 1)
+            tb = torch.full((n,), key, dtype=x.dtype, device=x.device)
+            cache[key] = (a, s, tb)
+        if not guided:
+            return _split(model(x, tb, cond), x, a, s, prediction)
+        out_c, out_u = model(torch.cat([x, x]), tb, both_cond).chunk(2)
+        if space != prediction:
+            out_c, out_u = (_as(*_split(o, x, a, s, prediction), x, a, s, space) for o in (out_c, out_u))
+        return _split(out_u + guidance * (out_c - out_u), x, a, s, space)
 
     return denoise
 
 
+def _denoise_batched_t(model, x, t, schedule, prediction, cond, both_cond, guidance, space):
+    tb = t.to(device=x.device, dtype=x.dtype)
+    if both_cond is None:
+        out = model(x, tb, cond)
+        return convert(out, x, tb, schedule, prediction, "x0"), convert(out, x, tb, schedule, prediction, "eps")
+    out_c, out_u = model(torch.cat([x, x]), torch.cat([tb, tb]), both_cond).chunk(2)
+    out_c, out_u = (convert(o, x, tb, schedule, prediction, space) for o in (out_c, out_u))
+    out = out_u + guidance * (out_c - out_u)
+    return convert(out, x, tb, schedule, space, "x0"), convert(out, x, tb, schedule, space, "eps")
+
+
 def _cat_cond(cond, null_cond):
     if torch.is_tensor(cond):
-        return torch.cat([cond, null_cond.expand_as(cond) if null_cond.shape != cond.shape else null_cond])
+        null = torch.as_tensor(null_cond, device=cond.device, dtype=cond.dtype)
+        return torch.cat([cond, null.expand_as(cond) if null.shape != cond.shape else null])
     if isinstance(cond, (tuple, list)):
         return type(cond)(_cat_cond(c, n) for c, n in zip(cond, null_cond))
-    raise TypeError(f"cannot batch a condition of type {type(cond).__name__} for guidance")
+    raise TypeError(f"cannot batch a condition of type {type(cond).__name__} for guidance; "
+                    "pass a tensor (or a tuple of tensors) as cond and null_cond")
+
+
+def _steps(ts, progress: bool):
+    return tqdm(range(len(ts) - 1), disable=not progress, desc="sampling", leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers: each a plain function over a denoiser and a grid of times
+# ---------------------------------------------------------------------------------------------
 
 
 def ddim_step(x, x0, eps, alpha_s, sigma_s, eta: float = 0.0, noise=None, lam_t=None, lam_s=None):
     """One DDIM step to time s (Song et al. 2021, eq. 12), written for any schedule.
 
-    x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z, with c = eta * sigma_s * sqrt(1 - e^{lam_t - lam_s}),
-    the DDPM posterior's standard deviation scaled by eta (eta = 1 is ancestral DDPM).
+    x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z, with c = eta * sigma_s * sqrt(1 - e^{-2h}),
+    h = lambda_s - lambda_t: the DDPM posterior's standard deviation scaled by eta (eta = 1 is DDPM).
     """
     if eta == 0.0 or sigma_s == 0:
-        return alpha_s * x0 + sigma_s * eps
-    c = eta * sigma_s * torch.sqrt(-torch.expm1(lam_t - lam_s)).clamp(min=0)
-    return alpha_s * x0 + torch.sqrt((sigma_s**2 - c**2).clamp(min=0)) * eps + c * noise
+        return _lincomb(x0, alpha_s, (eps, sigma_s))
+    c = eta * sigma_s * math.sqrt(max(-math.expm1(-2 * (lam_s - lam_t)), 0.0))
+    return _lincomb(x0, alpha_s, (eps, math.sqrt(max(sigma_s**2 - c**2, 0.0))), (noise, c))
 
 
 def sample_ddim(denoiser: Denoiser, x: torch.Tensor, ts: torch.Tensor, schedule: Schedule, *, eta: float = 0.0,
                 final_denoise: bool = True, generator=None, progress: bool = True, trajectory: list | None = None):
-    """DDIM (eta = 0: deterministic, the probability-flow ODE's first-order solver; eta = 1: DDPM)."""
-    alphas, sigmas, lams = schedule.alpha(ts), schedule.sigma(ts), schedule.log_snr(ts)
-    n = len(ts) - 1
-    for i in tqdm(range(n), disable=not progress, desc="sampling", leave=False):
-        x0, eps = denoiser(x, ts[i].to(x.device))
-        last = i == n - 1
-        if last and final_denoise:
-            x = x0
-        else:
-            noise = None
-            if eta > 0:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = ddim_step(x, x0, eps, alphas[i + 1].item(), sigmas[i + 1].item(), eta, noise,
-                          lams[i], lams[i + 1])
+    """DDIM (Song et al. 2021, eq. 12). eta = 0: the probability-flow ODE's first-order solver
+    (the same as DPM-Solver-1 and as Euler in sigma~ = sigma/alpha); eta = 1: ancestral DDPM
+    (Ho et al. 2020, Algorithm 2) on an arbitrary grid."""
+    alphas, sigmas, lams = _grid_values(schedule, ts, final_denoise)
+    for i in _steps(ts, progress):
+        x0, eps = denoiser(x, ts[i])
+        noise = None
+        if eta > 0 and sigmas[i + 1] > 0:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = ddim_step(x, x0, eps, alphas[i + 1], sigmas[i + 1], eta, noise, lams[i], lams[i + 1])
         if trajectory is not None:
             trajectory.append(x.detach().cpu())
     return x
 
 
+def dpm_solver_pp_step(x, x0s: list, lam_hist: list, alpha_s: float, sigma_s: float, sigma_t: float,
+                       lam_s: float, order: int):
+    """One multistep DPM-Solver++ update t -> s in data (x0) prediction (Lu et al. 2022b, Alg. 2).
+
+    ``x0s`` / ``lam_hist``: the newest x0 predictions and their lambdas, newest last. With
+    h = lambda_s - lambda_t and phi_1 = 1 - e^{-h}:
+      order 1: x_s = (sigma_s / sigma_t) x + alpha_s phi_1 x0_i                       (= DDIM)
+      order 2: D = (1 + 1/(2r)) x0_i - x0_{i-1} / (2r), r = h_{i-1} / h             (2M)
+      order 3: adds the second divided difference (the 3M update of diffusers / k-diffusion).
+    Ends with infinite lambda are limits: from lambda_t = -inf, e^{-h} = 0 and the step is order 1.
+    """
+    lam_t = lam_hist[-1]
+    h = lam_s - lam_t
+    phi1 = -math.expm1(-h)  # 1 at h = inf
+    ratio = sigma_s / sigma_t  # finite: sigma_t > 0 wherever the model is called
+    # the usable order: every past step in the formula must have a finite length
+    hs = [lam_hist[j] - lam_hist[j - 1] for j in range(len(lam_hist) - 1, 0, -1)]  # h_{i-1}, h_{i-2}, ...
+    k = 1
+    while k < order and k - 1 < len(hs) and math.isfinite(hs[k - 1]) and math.isfinite(h):
+        k += 1
+    m0, c = x0s[-1], alpha_s * phi1
+    if k == 1:
+        return _lincomb(x, ratio, (m0, c))
+    r0 = hs[0] / h
+    if k == 2:
+        # D = m0 + (m0 - m1) / (2 r0);  x_s = ratio x + alpha_s phi1 D
+        return _lincomb(x, ratio, (m0, c * (1 + 0.5 / r0)), (x0s[-2], -c * 0.5 / r0))
+    # 3M: D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1,
+    #     D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),  D2 = (D1_0 - D1_1) / (r0 + r1),
+    #     x_s = ratio x + alpha_s (phi1 m0 + phi2 D1 - phi3 D2)
+    r1 = hs[1] / h
+    phi2 = 1 - phi1 / h  # (e^{-h} - 1) / h + 1
+    phi3 = (h - phi1) / h**2 - 0.5  # (e^{-h} - 1 + h) / h^2 - 1/2
+    rho = r0 / (r0 + r1)
+    c_a = phi2 * (1 + rho) - phi3 / (r0 + r1)  # coefficient of D1_0
+    c_b = -phi2 * rho + phi3 / (r0 + r1)  # coefficient of D1_1
+    return _lincomb(x, ratio, (m0, alpha_s * (phi1 + c_a / r0)), (x0s[-2], alpha_s * (c_b / r1 - c_a / r0)),
+                    (x0s[-3], -alpha_s * c_b / r1))
+
+
+def final_step(x, x0, alpha_t: float):
+    """The step onto clean data, second order: x~_0 = (x~_t + x0_pred) / 2, with x~ = x / alpha.
+
+    lambda = +inf there, so we switch to Karras et al.'s variables x~ = x / alpha, sigma~ = sigma / alpha,
+    where dx~/dsigma~ = (x~ - x0_pred) / sigma~ -> 0 as sigma~ -> 0, and take the trapezoid rule
+    (Heun, Karras et al. 2022 Alg. 1) using that known zero slope at sigma~ = 0. Its error is
+    O(sigma~_t^4), against O(sigma~_t^2) for returning x0_pred.
+    """
+    return _lincomb(x0, 0.5, (x, 0.5 / alpha_t))
+
+
+def sample_dpmpp(denoiser: Denoiser, x: torch.Tensor, ts: torch.Tensor, schedule: Schedule, *, order: int = 2,
+                 final_denoise: bool = True, progress: bool = True, trajectory: list | None = None):
+    """DPM-Solver++(2M) / (3M): multistep exponential integrator of the probability-flow ODE in
+    lambda, with data prediction (Lu et al. 2022b, "DPM-Solver++", Algorithm 2). The first steps
+    use the lower orders the history allows; a step onto clean data (lambda = +inf) is the
+    second-order ``final_step`` (order 1: it returns the last x0 prediction, like DDIM)."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
+    alphas, sigmas, lams = _grid_values(schedule, ts, final_denoise)
+    x0s, lam_hist = [], []
+    for i in _steps(ts, progress):
+        x0, _ = denoiser(x, ts[i])
+        x0s, lam_hist = (x0s + [x0])[-order:], (lam_hist + [lams[i]])[-order:]
+        if sigmas[i + 1] == 0 and order == 1:  # clean data: e^{-h} = 0 and sigma_s / sigma_t = 0
+            x = alphas[i + 1] * x0
+        elif sigmas[i + 1] == 0:
+            x = alphas[i + 1] * final_step(x, x0, alphas[i])
+        else:
+            x = dpm_solver_pp_step(x, x0s, lam_hist, alphas[i + 1], sigmas[i + 1], sigmas[i], lams[i + 1], order)
+        if trajectory is not None:
+            trajectory.append(x.detach().cpu())
+    return x
+
+
+def _derivative(f, ts: torch.Tensor, delta: float = 1e-6) -> list:
+    """d f / d t at each time by central differences in float64 (one-sided at 0 and 1)."""
+    lo, hi = (ts - delta).clamp(0, 1), (ts + delta).clamp(0, 1)
+    return ((f(hi) - f(lo)) / (hi - lo)).tolist()
+
+
+def sample_euler(denoiser: Denoiser, x: torch.Tensor, ts: torch.Tensor, schedule: Schedule, *,
+                 final_denoise: bool = True, progress: bool = True, trajectory: list | None = None):
+    """Euler's method on the probability-flow ODE in the schedule's own time t:
+    dx/dt = alpha'_t x0_pred + sigma'_t eps_pred (the flow-matching sampler; Lipman et al. 2023,
+    Liu et al. 2023). For rectified (alpha = 1 - t, sigma = t) it is exactly DDIM; for VP
+    schedules it is a different, less accurate first-order method. (Euler in sigma~ = sigma/alpha,
+    Karras et al. 2022 Alg. 1 and diffusers' EulerDiscreteScheduler, equals DDIM for every schedule.)"""
+    td = ts.double().cpu()
+    d_alpha, d_sigma = _derivative(schedule.alpha, td), _derivative(schedule.sigma, td)
+    alphas, sigmas, _ = _grid_values(schedule, ts, final_denoise)
+    for i in _steps(ts, progress):
+        x0, eps = denoiser(x, ts[i])
+        if sigmas[i + 1] == 0 and final_denoise:
+            x = x0
+        else:
+            dt = (td[i + 1] - td[i]).item()
+            x = _lincomb(x, 1.0, (x0, dt * d_alpha[i]), (eps, dt * d_sigma[i]))  # x + dt (alpha' x0 + sigma' eps)
+        if trajectory is not None:
+            trajectory.append(x.detach().cpu())
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+# ---------------------------------------------------------------------------------------------
+
+
 def sample(model, noise: torch.Tensor, schedule, *, sampler: str = "ddim", steps: int = 50,
-           prediction: str = "eps", cond=None, null_cond=None, guidance: float = 1.0, spacing: str = "time",
-           t_max: float | None = None, t_min: float | None = None, final_denoise: bool = True,
-           generator: torch.Generator | None = None, progress: bool = True, return_trajectory: bool = False,
-           eta: float = 0.0):
+           prediction: str = "eps", cond=None, null_cond=None, guidance: float = 1.0,
+           spacing: str = DEFAULT_SPACING, t_max: float | None = None, t_min: float | None = None,
+           final_denoise: bool = True, generator: torch.Generator | None = None, progress: bool = True,
+           return_trajectory: bool = False, eta: float = 0.0, timesteps=None, guidance_space: str | None = None):
     """Draw samples from ``model`` starting at ``noise`` (pure N(0, I) at t_max).
 
-    ``sampler``: ``ddim`` (``eta`` 0..1) or ``ddpm`` (DDIM with eta = 1, i.e. ancestral sampling).
-    Returns x [B, C, H, W]; with ``return_trajectory`` also the list of x after each step.
+    ``sampler``: ``ddpm`` (ancestral), ``ddim`` (``eta`` 0..1), ``dpm++2m``, ``dpm++3m``, ``euler``.
+    ``steps`` is the number of model evaluations (twice the batch when guided, in one call).
+    ``timesteps``: an explicit decreasing grid of ``steps + 1`` times (overrides spacing, t_max, t_min).
+    With eps prediction the model cannot give x0 where alpha = 0, so rectified then starts at t = 0.999.
+    Returns x [B, C, H, W]; with ``return_trajectory`` also the list of x before and after each step.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     schedule = get_schedule(schedule)
-    ts = time_grid(schedule, steps, spacing, t_max, t_min)
-    # start from pure noise scaled to the schedule's sigma at t_max (1 for VP schedules)
-    x = noise * schedule.sigma(ts[:1]).item() if not schedule.variance_preserving else noise
-    denoiser = make_denoiser(model, schedule, prediction, cond, null_cond, guidance)
+    if timesteps is not None:
+        ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
+        if len(ts) < 2 or not (ts[1:] < ts[:-1]).all() or ts[-1] < 0 or ts[0] > 1:
+            raise ValueError(f"timesteps must decrease within [0, 1] and hold at least 2 times, got {ts.tolist()}")
+    else:
+        if t_max is None and prediction == "eps" and schedule.alpha(torch.tensor(schedule.t_max)).item() == 0:
+            t_max = 0.999  # x0 = (x - sigma eps) / alpha is undefined at alpha = 0
+        ts = time_grid(schedule, steps, spacing, t_max, t_min)
+    if prediction == "eps" and schedule.alpha(ts[:1]).item() == 0:
+        raise ValueError(f"an eps-prediction model cannot start at t={ts[0].item()} where alpha = 0; "
+                         "use t_max < 1 (for example 0.999)")
+    # start from pure noise scaled to sigma at t_max (1 for VP schedules)
+    x = noise if schedule.variance_preserving else noise * schedule.sigma(ts[:1]).item()
+    denoiser = make_denoiser(model, schedule, prediction, cond, null_cond, guidance, guidance_space, times=ts[:-1])
     traj = [x.detach().cpu()] if return_trajectory else None
-    eta = 1.0 if sampler == "ddpm" else eta
+    kw = dict(final_denoise=final_denoise, progress=progress, trajectory=traj)
     with torch.no_grad():
-        x = sample_ddim(denoiser, x, ts, schedule, eta=eta, final_denoise=final_denoise, generator=generator,
-                        progress=progress, trajectory=traj)
+        if sampler in ("ddim", "ddpm"):
+            x = sample_ddim(denoiser, x, ts, schedule, eta=1.0 if sampler == "ddpm" else eta, generator=generator, **kw)
+        elif sampler == "euler":
+            x = sample_euler(denoiser, x, ts, schedule, **kw)
+        else:
+            x = sample_dpmpp(denoiser, x, ts, schedule, order=int(sampler[-2]), **kw)
     return (x, traj) if return_trajectory else x

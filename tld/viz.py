@@ -76,3 +76,71 @@ def show(images, nrow: int = 8, labels=None, size: float = 1.4, title=None, font
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules (lesson 01) and position-embedding similarity (lesson 02)
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_schedules(schedules, n: int = 500, t_eps: float = 1e-3):
+    """alpha_t, sigma_t and lambda_t = log-SNR against t, one line per schedule, in 3 panels.
+
+    `schedules` is a list of names or schedule objects; t runs over [t_eps, 1 - t_eps] so that
+    lambda_t stays finite. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    from .diffusion import get_schedule
+
+    t = torch.linspace(t_eps, 1 - t_eps, n, dtype=torch.float64)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for s in map(get_schedule, schedules):
+        for ax, fn in zip(axes, (s.alpha, s.sigma, s.log_snr)):
+            ax.plot(t.numpy(), fn(t).numpy(), label=s.name)
+    for ax, title in zip(axes, (r"$\alpha_t$ (signal)", r"$\sigma_t$ (noise)", r"$\lambda_t=\log(\alpha_t^2/\sigma_t^2)$")):
+        ax.set_title(title)
+        ax.set_xlabel("t")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    return fig
+
+
+def similarity_map(pos_embed, grid, positions) -> torch.Tensor:
+    """Cosine similarity of chosen grid positions with every position: [len(positions), gh, gw].
+
+    `pos_embed` is [N, D] or [1, N, D] over a row-major (gh, gw) grid; `positions` are (row, col).
+    """
+    gh, gw = (grid, grid) if isinstance(grid, int) else grid
+    e = torch.as_tensor(pos_embed).detach().float().reshape(-1, torch.as_tensor(pos_embed).shape[-1])
+    if e.shape[0] != gh * gw:
+        raise ValueError(f"position embedding has {e.shape[0]} rows, expected {gh}x{gw}={gh * gw}")
+    e = torch.nn.functional.normalize(e, dim=-1)
+    idx = torch.tensor([r * gw + c for r, c in positions])
+    return (e[idx] @ e.T).reshape(len(idx), gh, gw)
+
+
+def show_maps(maps, titles=None, size: float = 1.8, cmap: str = "viridis", vmin=None, vmax=None,
+              marks=None, title=None):
+    """Draw 2-D maps [K, H, W] side by side as heatmaps; `marks` are (row, col) dots, one per map."""
+    import matplotlib.pyplot as plt
+
+    maps = torch.as_tensor(maps).detach().float().cpu()
+    k = maps.shape[0]
+    fig, axes = plt.subplots(1, k, figsize=(k * size, size + 0.4), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        im = ax.imshow(maps[i].numpy(), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        if marks is not None:
+            ax.plot(marks[i][1], marks[i][0], "r.", markersize=8)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+__all__ += ["plot_schedules", "similarity_map", "show_maps"]

@@ -39,6 +39,36 @@ PRESETS: dict[str, Preset] = {
     "uvit-course": Preset("uvit:UViT", dict(img_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6,
                                             num_heads=4, num_classes=18, conv_mlp=True),
                           "the CPU course model: shapes 32x32, 18 classes, depthwise-conv MLP"),
+    # DiT, Peebles & Xie 2023, Table 1 (tld/models/dit.py): latents 4x32x32, 1000 classes + null, learned sigma.
+    "dit-s/2": Preset("dit:DiT", dict(img_size=32, patch_size=2, in_chans=4, embed_dim=384, depth=12, num_heads=6,
+                                      num_classes=1000, learn_sigma=True), "DiT-S/2 (32,963,360 params)"),
+    "dit-b/2": Preset("dit:DiT", dict(img_size=32, patch_size=2, in_chans=4, embed_dim=768, depth=12, num_heads=12,
+                                      num_classes=1000, learn_sigma=True), "DiT-B/2 (130,512,416 params)"),
+    "dit-l/2": Preset("dit:DiT", dict(img_size=32, patch_size=2, in_chans=4, embed_dim=1024, depth=24, num_heads=16,
+                                      num_classes=1000, learn_sigma=True), "DiT-L/2 (458,102,816 params)"),
+    "dit-xl/2": Preset("dit:DiT", dict(img_size=32, patch_size=2, in_chans=4, embed_dim=1152, depth=28,
+                                       num_heads=16, num_classes=1000, learn_sigma=True),
+                       "DiT-XL/2 (675,129,632 params)"),
+    "dit-course": Preset("dit:DiT", dict(img_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6, num_heads=4,
+                                         num_classes=18, learn_sigma=False),
+                         "the CPU course DiT: shapes 32x32, 18 classes, adaLN-Zero"),
+    # U-DiT, Tian et al. 2024 (tld/models/udit.py): latents 4x32x32, 1000 classes; counts as trained / merged.
+    "udit-s": Preset("udit:UDiT", dict(img_size=32, in_chans=4, embed_dim=96, num_heads=4, num_classes=1000),
+                     "U-DiT-S (58,896,568 trained; 52,045,240 merged)"),
+    "udit-b": Preset("udit:UDiT", dict(img_size=32, in_chans=4, embed_dim=192, num_heads=8, num_classes=1000),
+                     "U-DiT-B (231,251,304 trained; 204,425,064 merged)"),
+    "udit-l": Preset("udit:UDiT", dict(img_size=32, in_chans=4, embed_dim=384, num_heads=16, num_classes=1000),
+                     "U-DiT-L (916,335,304 trained; 810,188,488 merged)"),
+    "udit-course": Preset("udit:UDiT", dict(img_size=32, in_chans=3, embed_dim=32, num_heads=2, depth=(1, 1, 2, 1, 1),
+                                            num_classes=18, learn_sigma=False),
+                          "the CPU course U-DiT: shapes 32x32, 18 classes"),
+    # The TLD denoiser, apapiu/transformer_latent_diffusion (tld/models/tldnet.py).
+    "tld-100m": Preset("tldnet:TLDNet", dict(img_size=32, patch_size=2, in_chans=4, embed_dim=768, depth=12,
+                                             noise_embed_dim=256, text_dim=768),
+                       "the TLD denoiser, latents 4x32x32, pooled CLIP 768 (101,164,352 params)"),
+    "tld-course": Preset("tldnet:TLDNet", dict(img_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6,
+                                               head_dim=32, noise_embed_dim=64, num_classes=18),
+                         "the CPU course TLD denoiser: shapes 32x32, 18 classes, cross-attention"),
 }
 
 

@@ -1,0 +1,43 @@
+# The two commands of the course, on a fresh machine with no GPU and no internet:
+#   make demo   train the CPU model (10 min) and write samples.png beside the reference model's
+#   make test   unit tests, notebooks under nbval, papermill and multi-process checks
+#
+# Both create .venv, install torch first when it is missing (TORCH_SPEC, overridable: a plain
+# `torch` from PyPI pulls a multi-GB CUDA build), then this package with its dev extras.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+STAMP       := $(VENV)/.tld-installed
+TEST_ARGS   ?=
+
+.PHONY: install demo test test-fast notebooks lint course clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m tld.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider $(TEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow and not multiprocess" -p no:cacheprovider
+
+notebooks: $(STAMP)
+	$(PY) -m pytest -q --nbval-lax notebooks -p no:cacheprovider
+
+lint: $(STAMP)
+	$(PY) -m ruff check tld tests
+
+clean:
+	rm -rf build runs samples.png .pytest_cache

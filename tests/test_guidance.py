@@ -1,0 +1,85 @@
+"""Classifier-free guidance: where it is combined does not matter, and how many model calls it costs."""
+
+import pytest
+import torch
+
+from tld.gmm import GMM
+from tld.samplers import sample
+
+# the unconditional data: a ring of 8; the condition "1": only the two components on the right
+RING = GMM.ring(8, std=0.1)
+RIGHT = GMM(RING.means[[0, 1]], RING.stds[[0, 1]])
+
+
+def guided_model(prediction, schedule="vp-cosine"):
+    return RING.model(schedule, prediction, conditional=RIGHT)
+
+
+class CountingModel:
+    def __init__(self, model):
+        self.model, self.batches = model, []
+
+    def __call__(self, x, t, cond=None):
+        self.batches.append(len(x))
+        return self.model(x, t, cond)
+
+
+def run(model, guidance, prediction="eps", guidance_space=None, n=256, schedule="vp-cosine", steps=12):
+    noise = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return sample(model, noise, schedule, sampler="dpm++2m", steps=steps, prediction=prediction,
+                  cond=torch.ones(n), null_cond=torch.zeros(n), guidance=guidance,
+                  guidance_space=guidance_space, progress=False)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_guidance_in_eps_space_equals_guidance_in_x0_space(prediction):
+    model = guided_model(prediction)
+    outs = {space: run(model, 3.0, prediction, space) for space in ("eps", "x0", "v")}
+    torch.testing.assert_close(outs["eps"], outs["x0"], atol=1e-9, rtol=0)
+    torch.testing.assert_close(outs["eps"], outs["v"], atol=1e-9, rtol=0)
+
+
+def test_guided_samples_agree_across_model_prediction_types():
+    ref = run(guided_model("eps"), 4.0, "eps")
+    for prediction in ("x0", "v"):
+        torch.testing.assert_close(run(guided_model(prediction), 4.0, prediction), ref, atol=1e-9, rtol=0)
+
+
+def test_guidance_1_makes_one_unbatched_call_per_step():
+    model = CountingModel(guided_model("eps"))
+    run(model, 1.0, n=16, steps=9)
+    assert model.batches == [16] * 9
+
+
+def test_guidance_above_1_makes_one_batched_call_per_step():
+    model = CountingModel(guided_model("eps"))
+    run(model, 2.5, n=16, steps=9)
+    assert model.batches == [32] * 9
+
+
+def test_guidance_1_is_the_conditional_model_and_0_the_unconditional():
+    model = guided_model("eps")
+    noise = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    kw = dict(sampler="dpm++2m", steps=12, progress=False)
+    cond_only = sample(model, noise, "vp-cosine", cond=torch.ones(64), **kw)
+    uncond_only = sample(model, noise, "vp-cosine", cond=torch.zeros(64), **kw)
+    torch.testing.assert_close(run(model, 1.0, n=64), cond_only, atol=1e-12, rtol=0)
+    torch.testing.assert_close(run(model, 0.0, n=64), uncond_only, atol=1e-9, rtol=0)
+
+
+def test_stronger_guidance_puts_more_samples_on_the_condition():
+    model = guided_model("eps")
+
+    def on_condition(w):  # fraction of samples nearest to one of the two conditional components
+        x = run(model, w, n=512)
+        return (torch.cdist(x, RING.means).argmin(1) < 2).float().mean().item()
+
+    fractions = [on_condition(w) for w in (0.0, 1.0, 3.0)]
+    assert fractions[0] < 0.4  # unconditional: about 2 of 8 components
+    assert fractions[1] > 0.9 and fractions[2] >= fractions[1]
+
+
+def test_guidance_without_null_cond_is_refused():
+    model = guided_model("eps")
+    with pytest.raises(ValueError, match="null_cond"):
+        sample(model, torch.randn(4, 2), "vp-cosine", sampler="ddim", steps=3, cond=torch.ones(4), guidance=2.0)

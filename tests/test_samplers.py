@@ -1,0 +1,163 @@
+"""Samplers against the exact solution of the probability-flow ODE of a Gaussian mixture, and against diffusers."""
+
+import pytest
+import torch
+
+from tld.bench import diffusers_scheduler, gmm_problem, run_diffusers
+from tld.diffusion import get_schedule
+from tld.gmm import GMM, rms_error
+from tld.samplers import DEFAULT_SPACING, SAMPLERS, sample, time_grid
+
+SCHEDULES = ("vp-linear", "vp-cosine", "rectified")
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return {name: gmm_problem(schedule=name) for name in SCHEDULES}
+
+
+def err(problems, schedule, sampler, steps, prediction="eps", **kw):
+    gmm, noise, ref = problems[schedule]
+    x = sample(gmm.model(schedule, prediction), noise, schedule, sampler=sampler, steps=steps,
+               prediction=prediction, progress=False, **kw)
+    return rms_error(x, ref)
+
+
+def test_reference_ode_solution_is_accurate_to_1e_6():
+    gmm = GMM.random(k=6, dim=4, seed=0)
+    x = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for schedule, t_max in (("vp-cosine", 0.999), ("rectified", 1.0)):
+        loose = gmm.reference(x, schedule, t_max, None)
+        tight = gmm.reference(x, schedule, t_max, None, rtol=1e-13, atol=1e-14)
+        assert (loose - tight).abs().max() < 1e-6
+        # a solver that lands at t_min = 0.3 and one that goes on from there agree with the direct route
+        mid = gmm.reference(x, schedule, t_max, 0.3)
+        assert (gmm.reference(mid, schedule, 0.3, None) - tight).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_dpm_solver_2m_error_falls_quadratically_with_steps(problems, schedule):
+    e20, e40 = err(problems, schedule, "dpm++2m", 20), err(problems, schedule, "dpm++2m", 40)
+    assert e20 / e40 >= 3.0, (e20, e40)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_dpm_solver_2m_is_3x_more_accurate_than_ddim_at_20_steps(problems, schedule):
+    assert err(problems, schedule, "dpm++2m", 20) <= err(problems, schedule, "ddim", 20) / 3
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_dpm_solver_3m_is_at_least_as_accurate_as_2m_at_20_steps(problems, schedule):
+    assert err(problems, schedule, "dpm++3m", 20) <= err(problems, schedule, "dpm++2m", 20)
+
+
+def test_default_spacing_2m_beats_diffusers_dpm_solver_at_10_steps(problems):
+    gmm, noise, ref = problems["vp-linear"]
+    ours = err(problems, "vp-linear", "dpm++2m", 10)
+    theirs = rms_error(run_diffusers(diffusers_scheduler("dpm++2m"), gmm.model("vp-linear", "eps"), noise, 10), ref)
+    assert ours <= 0.9 * theirs, (ours, theirs)
+
+
+def test_ddim_matches_diffusers_ddim_scheduler():
+    gmm = GMM.random(k=6, dim=4, seed=0)
+    model = gmm.model("vp-linear", "eps")
+    noise = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))  # float32, like diffusers
+    for steps in (8, 20):  # divisors of 1000: diffusers steps to k - 1000 // steps, the next timestep
+        scheduler = diffusers_scheduler("ddim", timestep_spacing="trailing")
+        theirs = run_diffusers(scheduler, model, noise, steps)
+        # diffusers calls the model at integer timesteps k (t = k / 1000), then lands on alpha = 1
+        ts = torch.cat([scheduler.timesteps.double() / 1000, torch.zeros(1, dtype=torch.float64)])
+        ours = sample(model, noise, "vp-linear", sampler="ddim", steps=steps, timesteps=ts, progress=False)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_prediction_type_gives_the_same_samples(problems, schedule):
+    gmm, noise, ref = problems[schedule]
+    t_max = 0.999  # eps cannot give x0 where alpha = 0 (rectified at t = 1)
+    outs = [sample(gmm.model(schedule, p), noise, schedule, sampler="dpm++2m", steps=15, prediction=p, t_max=t_max,
+                   progress=False) for p in ("eps", "x0", "v")]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-9, rtol=0)
+    assert rms_error(outs[0], ref) < 0.05
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_sampler_runs_every_schedule_to_finite_samples(problems, sampler, schedule):
+    gmm, noise, _ = problems[schedule]
+    for prediction in ("x0", "v"):  # both can start at rectified's t = 1 (alpha = 0, log-SNR = -inf)
+        for spacing in ("time", "logsnr", "karras"):
+            x = sample(gmm.model(schedule, prediction), noise, schedule, sampler=sampler, steps=6,
+                       prediction=prediction, spacing=spacing, progress=False,
+                       generator=torch.Generator().manual_seed(0))
+            assert torch.isfinite(x).all(), (prediction, spacing)
+
+
+def test_rectified_starts_at_t_1_exactly_with_x0_prediction():
+    gmm = GMM.random(k=6, dim=4, seed=0)
+    noise = torch.randn(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref = gmm.reference(noise, "rectified", 1.0, None)
+    x = sample(gmm.model("rectified", "x0"), noise, "rectified", sampler="dpm++2m", steps=40, prediction="x0",
+               progress=False)
+    assert rms_error(x, ref) < 5e-3
+    with pytest.raises(ValueError, match="alpha = 0"):
+        sample(gmm.model("rectified", "eps"), noise, "rectified", sampler="ddim", steps=5, t_max=1.0, progress=False)
+
+
+def test_final_denoise_false_returns_x_at_t_min(problems):
+    gmm, noise, _ = problems["vp-cosine"]
+    ref = gmm.reference(noise, "vp-cosine", 0.999, 0.2)
+    x = sample(gmm.model("vp-cosine", "eps"), noise, "vp-cosine", sampler="dpm++2m", steps=40, t_min=0.2,
+               final_denoise=False, progress=False)
+    assert rms_error(x, ref) < 1e-3
+
+
+def test_euler_is_ddim_on_rectified_and_differs_on_vp(problems):
+    gmm, noise, _ = problems["rectified"]
+    kw = dict(steps=8, prediction="v", t_max=0.999, progress=False)
+    m = gmm.model("rectified", "v")
+    torch.testing.assert_close(sample(m, noise, "rectified", sampler="euler", **kw),
+                               sample(m, noise, "rectified", sampler="ddim", **kw))
+    assert err(problems, "vp-cosine", "euler", 8) != err(problems, "vp-cosine", "ddim", 8)
+
+
+def test_ddpm_is_seeded_and_samples_the_data_distribution():
+    gmm = GMM.ring(4, std=0.1)
+    noise = torch.randn(2000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model = gmm.model("vp-cosine", "eps")
+
+    def run(seed):
+        return sample(model, noise, "vp-cosine", sampler="ddpm", steps=100, spacing="time", progress=False,
+                      generator=torch.Generator().manual_seed(seed))
+
+    a, b = run(1), run(1)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.equal(a, run(2))
+    # every sample lands near one of the four means: ancestral sampling of the exact model is exact
+    dist = torch.cdist(a, gmm.means).min(1).values
+    assert dist.pow(2).mean().sqrt() < 0.2  # std 0.1 in 2-D gives ~0.14
+    assert (dist < 0.5).float().mean() > 0.99
+
+
+def test_time_grids_span_t_max_to_t_min_and_decrease():
+    for schedule in SCHEDULES:
+        sched = get_schedule(schedule)
+        for spacing in ("time", "logsnr", "karras"):
+            ts = time_grid(sched, 10, spacing)
+            assert len(ts) == 11 and (ts[1:] < ts[:-1]).all()
+            assert ts[0].item() == sched.t_max and ts[-1].item() == sched.t_min
+    assert DEFAULT_SPACING in ("time", "logsnr", "karras")
+
+
+def test_bad_sampler_arguments_name_the_bad_value():
+    model = GMM.ring().model("vp-cosine", "eps")
+    noise = torch.randn(2, 2)
+    with pytest.raises(ValueError, match="dpm\\+\\+9m"):
+        sample(model, noise, "vp-cosine", sampler="dpm++9m", steps=5)
+    with pytest.raises(ValueError, match="'sigma'"):
+        sample(model, noise, "vp-cosine", sampler="ddim", steps=5, spacing="sigma")
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        sample(model, noise, "vp-cosine", sampler="ddim", steps=0)
+    with pytest.raises(ValueError, match="timesteps must decrease"):
+        sample(model, noise, "vp-cosine", sampler="ddim", steps=2, timesteps=[0.1, 0.5, 0.9])

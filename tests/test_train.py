@@ -1,0 +1,201 @@
+"""The training loop: config errors, exact resume, NaN safety, atomic checkpoints, processes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tld import train as T
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def smoke(tmp_path, name="run", *args):
+    return T.config_from_args(["preset=smoke", f"out_dir={tmp_path / name}", "progress=false", *args])
+
+
+def weights(run_dir, step, which="model"):
+    return load_file(str(Path(run_dir) / "checkpoints" / f"step_{step:07d}" / f"{which}.safetensors"))
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0.0:
+            assert torch.equal(a[k], b[k]), f"{k} differs"
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# --- configuration --------------------------------------------------------------------------
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown preset 'nope'.*smoke"):
+        T.config_from_args(["preset=nope"])
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown config key 'max_step'.*max_steps"):
+        T.config_from_args(["preset=smoke", "max_step=3"])
+
+
+def test_bad_values_are_named():
+    with pytest.raises(ValueError, match="'max_steps' expects a int, got 'many'"):
+        T.config_from_args(["max_steps=many"])
+    with pytest.raises(ValueError, match="schedule='cosine' is not one of"):
+        T.config_from_args(["schedule=cosine"])
+    with pytest.raises(ValueError, match="expected key=value"):
+        T.config_from_args(["smoke"])
+
+
+def test_keys_and_model_overrides_parse():
+    cfg = T.config_from_args(["preset=smoke", "max_steps=7", "lr=3e-4", "resume=true", "model.depth=4"])
+    assert (cfg.max_steps, cfg.lr, cfg.resume, cfg.model_overrides) == (7, 3e-4, True, {"depth": 4})
+    assert cfg.model == "uvit-tiny"  # from the preset
+
+
+def test_cli_reports_errors_without_a_traceback():
+    out = subprocess.run([sys.executable, "-m", "tld.train", "preset=nope"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "unknown preset 'nope'" in out.stderr and "Traceback" not in out.stderr
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+def test_smoke_run_writes_checkpoint_samples_and_log(tmp_path):
+    summary = T.train(smoke(tmp_path))
+    run = tmp_path / "run"
+    assert summary["steps"] == 20
+    assert (run / "checkpoints" / "latest.json").exists()
+    assert (run / "samples" / "step_0000020.png").stat().st_size > 100
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [5, 10, 15, 20]
+    assert log[-1]["loss"] < log[0]["loss"], "the loss should fall over 20 steps"
+    # no temporary folders left behind by the atomic write
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """N steps straight == N/2 steps, stop, resume, N/2 more: same weights, EMA and optimizer."""
+    T.train(smoke(tmp_path, "straight"))
+    T.train(smoke(tmp_path, "resumed", "stop_at=10"))
+    assert json.loads((tmp_path / "resumed/checkpoints/latest.json").read_text())["step"] == 10
+    T.train(smoke(tmp_path, "resumed", "resume=true"))
+    for which in ("model", "ema"):
+        assert_same_weights(weights(tmp_path / "straight", 20, which), weights(tmp_path / "resumed", 20, which))
+    log_a = (tmp_path / "straight/log.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "resumed/log.jsonl").read_text().splitlines()
+    loss = lambda lines: [json.loads(x)["loss"] for x in lines]
+    assert loss(log_a) == loss(log_b), "the resumed loss curve must continue the same curve"
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    T.train(smoke(tmp_path, "run", "stop_at=5"))
+    with pytest.raises(ValueError, match="was made for model 'uvit-tiny'"):
+        T.train(smoke(tmp_path, "run", "resume=true", "model.embed_dim=64"))
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path):
+    T.train(smoke(tmp_path, "a", "max_steps=5"))
+    T.train(smoke(tmp_path, "b", "max_steps=5"))
+    T.train(smoke(tmp_path, "c", "max_steps=5", "seed=1"))
+    assert_same_weights(weights(tmp_path / "a", 5), weights(tmp_path / "b", 5))
+    a, c = weights(tmp_path / "a", 5), weights(tmp_path / "c", 5)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    T.train(smoke(tmp_path, "big", "max_steps=5"))
+    T.train(smoke(tmp_path, "acc", "max_steps=5", "grad_accum=4"))
+    assert_same_weights(weights(tmp_path / "big", 5), weights(tmp_path / "acc", 5), atol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    T.train(smoke(tmp_path, "run", "stop_at=10", "save_every=5"))
+    good = weights(tmp_path / "run", 10)
+    real_loss = T.diffusion.loss
+
+    def poisoned(pred, *args, **kwargs):
+        out = real_loss(pred, *args, **kwargs)
+        return out * float("nan")
+
+    monkeypatch.setattr(T.diffusion, "loss", poisoned)
+    with pytest.raises(T.NonFiniteLoss, match=r"loss became nan at step 10.*step_0000010"):
+        T.train(smoke(tmp_path, "run", "resume=true", "save_every=5"))
+    assert json.loads((tmp_path / "run/checkpoints/latest.json").read_text())["step"] == 10
+    assert_same_weights(good, weights(tmp_path / "run", 10))
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path):
+    T.train(smoke(tmp_path, "run", "save_every=5", "keep_checkpoints=2"))
+    kept = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step_*"))
+    assert kept == ["step_0000015", "step_0000020"]
+
+
+def test_load_model_round_trip_and_clear_errors(tmp_path):
+    T.train(smoke(tmp_path))
+    model = T.load_model(tmp_path / "run")
+    ema = weights(tmp_path / "run", 20, "ema")
+    assert_same_weights({k: v for k, v in model.state_dict().items()}, ema)
+    with pytest.raises(FileNotFoundError, match="not a tld checkpoint"):
+        T.load_model(tmp_path)
+    images = T.generate(model, model.train_config, torch.tensor([0, 5]), steps=3)
+    assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+
+
+def test_lr_warmup_then_cosine():
+    cfg = T.TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert T.lr_at(cfg, 0) == pytest.approx(0.1)
+    assert T.lr_at(cfg, 9) == pytest.approx(1.0)
+    assert T.lr_at(cfg, 60) == pytest.approx(0.55)
+    assert T.lr_at(cfg, 110) == pytest.approx(0.1)
+
+
+def test_ema_update_moves_toward_the_model():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = a.weight.detach().clone()
+    T.ema_update(a, b, 0.9)
+    torch.testing.assert_close(a.weight, 0.9 * before + 0.1 * b.weight)
+
+
+def test_step_batches_cover_the_global_batch_whatever_the_process_count():
+    one = list(T.StepBatchSampler(100, 8, 0, rank=0, world=1, accum=1, start_step=0, max_steps=3))
+    two = [list(T.StepBatchSampler(100, 8, 0, rank=r, world=2, accum=2, start_step=0, max_steps=3)) for r in (0, 1)]
+    for step in range(3):
+        union = sorted(i for r in (0, 1) for a in range(2) for i in two[r][step * 2 + a])
+        assert union == sorted(one[step])
+    with pytest.raises(ValueError, match="divisible by processes x grad_accum"):
+        T.StepBatchSampler(100, 6, 0, 0, 4, 1, 0, 1)
+
+
+def test_import_tld_initialises_no_cuda():
+    code = ("import torch, tld, tld.train, tld.models, tld.samplers, tld.data; "
+            "import torch.cuda; print(torch.cuda.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.multiprocess
+def test_two_processes_match_one_process(tmp_path):
+    """accelerate launch with 2 CPU processes (gloo): same global batch, same weights as 1 process."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    assert accelerate, "accelerate's launcher is not installed"
+    args = ["preset=smoke", "progress=false", "max_steps=10"]
+    T.train(T.config_from_args(args + [f"out_dir={tmp_path / 'one'}"]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tld.train", *args,
+           f"out_dir={tmp_path / 'two'}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "two/summary.json").read_text())["num_processes"] == 2
+    assert_same_weights(weights(tmp_path / "one", 10), weights(tmp_path / "two", 10), atol=1e-5)
+    # only the main process writes: one log line per log_every, one sample grid
+    steps = [json.loads(x)["step"] for x in (tmp_path / "two/log.jsonl").read_text().splitlines()]
+    assert steps == [5, 10]

@@ -1,0 +1,120 @@
+"""The course's main job (``make demo``): train the CPU model, then compare it with the reference.
+
+    python -m tld.demo                       # 10-minute budget, writes runs/demo/ and samples.png
+    python -m tld.demo max_minutes=2 out=x.png
+
+It trains the class-conditional U-ViT on shapes with ``python -m tld.train preset=cpu-demo``,
+samples every class from its EMA weights and from the shipped reference checkpoint
+(``data/pretrained/shapes-cond``, made by the same command with a longer budget), judges color
+and shape with the small classifier of ``tld.evaluate``, and writes one picture of both.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import train as T
+from .data import DEFAULT_COLORS, SHAPES
+
+REFERENCE = Path(__file__).resolve().parent.parent / "data" / "pretrained" / "shapes-cond"
+
+
+@torch.no_grad()
+def class_samples(model, train_config: dict, per_class: int = 4, steps: int = 50, guidance: float = 1.0,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_class samples of every class, in [-1, 1], with their labels."""
+    labels = T.sample_grid_labels(model.num_classes, per_class)
+    images = T.generate(model, train_config, labels, steps=steps, guidance=guidance, seed=seed,
+                        sampler=train_config.get("sample_sampler", "ddim"))
+    return images, labels
+
+
+def judge(images: torch.Tensor, labels: torch.Tensor, colors=DEFAULT_COLORS) -> dict:
+    """Color and shape accuracy of class samples, as read back by the shapes classifier."""
+    from .evaluate import shapes_accuracy
+
+    shapes, cols = labels // len(colors), labels % len(colors)
+    acc = shapes_accuracy(images, shapes, cols)
+    return {"color": acc["color"], "shape": acc["shape"], "both": acc["all"]}
+
+
+def labelled_grid(panels: list[tuple[str, torch.Tensor]], labels: torch.Tensor, class_names: list[str],
+                  per_class: int, scale: int = 3):
+    """One PIL picture: a row per class, a block of columns per panel (title on top), class names left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .viz import to_uint8
+
+    font = ImageFont.load_default()
+    h, w = panels[0][1].shape[-2:]
+    cell_w, cell_h, pad = w * scale, h * scale, 2
+    label_w, title_h, gap = 110, 18, 16
+    n_cls = len(class_names)
+    block_w = per_class * (cell_w + pad)
+    width = label_w + len(panels) * (block_w + gap)
+    height = title_h + n_cls * (cell_h + pad)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for p, (title, images) in enumerate(panels):
+        x0 = label_w + p * (block_w + gap)
+        draw.text((x0, 3), title, fill="black", font=font)
+        pix = to_uint8(images)
+        for k in range(len(labels)):
+            r, c = int(labels[k]), k % per_class
+            tile = Image.fromarray(pix[k]).resize((cell_w, cell_h), Image.Resampling.NEAREST)
+            canvas.paste(tile, (x0 + c * (cell_w + pad), title_h + r * (cell_h + pad)))
+    for r, name in enumerate(class_names):
+        draw.text((4, title_h + r * (cell_h + pad) + cell_h // 2 - 5), name, fill="black", font=font)
+    return canvas
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    opts = dict(a.split("=", 1) for a in argv if "=" in a)
+    out_png = Path(opts.pop("out", "samples.png"))
+    per_class = int(opts.pop("per_class", 4))
+    steps = int(opts.pop("steps", 50))
+    reference = Path(opts.pop("reference", REFERENCE))
+    train_args = ["preset=cpu-demo"] + [f"{k}={v}" for k, v in opts.items()]
+    cfg = T.config_from_args(train_args)
+
+    wall = time.perf_counter()
+    print(f"training: python -m tld.train {' '.join(train_args)}")
+    summary = T.train(cfg)
+    print(f"trained {summary['steps_this_run']} steps in {summary['seconds'] / 60:.1f} min "
+          f"({summary['steps_per_second']:.2f} steps/s), final loss {summary['final_loss']:.4f}")
+
+    from .data import ShapesDataset
+
+    names = ShapesDataset(size=cfg.image_size).class_names
+    guidance = cfg.sample_guidance
+    panels, rows = [], []
+    ours = T.load_model(cfg.out_dir)
+    images, labels = class_samples(ours, ours.train_config, per_class, steps, guidance)
+    panels.append((f"this run ({summary['steps']} steps)", images))
+    rows.append(("this run", judge(images, labels)))
+    if (reference / "config.json").exists():
+        ref = T.load_model(reference)
+        ref_images, _ = class_samples(ref, ref.train_config, per_class, steps, guidance)
+        meta = json.loads((reference / "config.json").read_text())
+        panels.append((f"reference ({meta.get('step', '?')} steps)", ref_images))
+        rows.append(("reference", judge(ref_images, labels)))
+    else:
+        print(f"no reference checkpoint at {reference}: showing this run only")
+    labelled_grid(panels, labels, names, per_class).save(out_png)
+
+    print(f"\n{'samples':<12}{'color acc':>10}{'shape acc':>10}{'both':>8}   ({per_class} per class, "
+          f"{steps} DDIM steps, guidance {guidance})")
+    for name, acc in rows:
+        print(f"{name:<12}{acc['color']:>10.3f}{acc['shape']:>10.3f}{acc['both']:>8.3f}")
+    print(f"\nwrote {out_png} ; wall time {(time.perf_counter() - wall) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

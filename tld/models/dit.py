@@ -1,0 +1,188 @@
+"""DiT: a plain transformer on patches, conditioned by adaLN-Zero (Peebles & Xie, ICCV 2023; lesson 05).
+
+The condition is one vector per image, c = MLP(sinusoid(1000 t)) + label embedding, and it
+enters every block through the LayerNorms: SiLU -> Linear gives a shift, a scale and a residual
+gate for the attention and for the MLP (``tld.blocks.AdaLNZeroBlock``). The modulation Linears
+and the output Linear start at zero, so every block starts as the identity and the untrained
+model outputs exactly zero. Patches carry a fixed 2-D sin-cos position embedding, kept as a
+frozen parameter so the counts match the paper's (675,129,632 for DiT-XL/2).
+
+``conditioning="in-context"`` is the paper's simplest alternative (section 3.2): the time and
+label vectors are two extra tokens in the sequence of plain ViT blocks. Lesson 05 trains both.
+
+With ``learn_sigma`` the output has 2 * in_chans channels: the noise prediction, then the
+interpolation weights of the learned variance (Nichol & Dhariwal 2021); a sampler that only
+wants the noise takes ``out[:, :in_chans]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..blocks import AdaLNZeroBlock, Block, modulate
+from ..patch import PatchEmbed, check_patchable, sincos_2d, unpatchify
+from . import register
+
+
+def dit_timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0,
+                           freq_shift: float = 0.0) -> torch.Tensor:
+    """[cos, sin] of 1000 t at frequencies max_period^(-i / (dim/2 - freq_shift)) -> [B, dim].
+
+    DiT's reference uses ``freq_shift=0``; diffusers' DiT uses ``freq_shift=1`` (its
+    ``Timesteps(downscale_freq_shift=1)``), which the diffusers interop must reproduce.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    args = (t.float() * 1000.0)[:, None] * torch.exp(exponent)[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> sinusoid of the integer-step time 1000 t -> Linear-SiLU-Linear."""
+
+    def __init__(self, dim: int, freq_dim: int = 256, freq_shift: float = 0.0):
+        super().__init__()
+        self.freq_dim, self.freq_shift = freq_dim, freq_shift
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = dit_timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale; no gate) -> Linear to p*p*out channels per token; zero-initialised."""
+
+    def __init__(self, dim: int, patch_size: int, out_chans: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_chans)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    def __init__(self, img_size: int = 32, patch_size: int = 2, in_chans: int = 4, embed_dim: int = 1152,
+                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000,
+                 learn_sigma: bool = True, conditioning: str = "adaln-zero", freq_shift: float = 0.0,
+                 mlp_norm_eps: float = 1e-6, attn_backend: str = "sdpa", gradient_checkpointing: bool = False):
+        super().__init__()
+        if conditioning not in ("adaln-zero", "in-context"):
+            raise ValueError(f"unknown DiT conditioning {conditioning!r}; expected 'adaln-zero' or 'in-context'")
+        check_patchable(img_size, img_size, patch_size)
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.embed_dim, self.num_classes = embed_dim, num_classes
+        self.learn_sigma = learn_sigma
+        self.out_chans = 2 * in_chans if learn_sigma else in_chans
+        self.conditioning = conditioning
+        self.gradient_checkpointing = gradient_checkpointing
+
+        self.x_embedder = PatchEmbed(patch_size, in_chans, embed_dim)
+        grid = img_size // patch_size
+        # fixed, not learned; a frozen Parameter (as in the reference) so checkpoints and counts carry it
+        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid)[None], requires_grad=False)
+        self.t_embedder = TimestepEmbedder(embed_dim, freq_shift=freq_shift)
+        # row num_classes is the null label, used for classifier-free guidance
+        self.y_embedder = nn.Embedding(num_classes + 1, embed_dim) if num_classes else None
+
+        if conditioning == "adaln-zero":
+            self.blocks = nn.ModuleList([
+                AdaLNZeroBlock(embed_dim, num_heads, mlp_ratio, mlp_eps=mlp_norm_eps, backend=attn_backend)
+                for _ in range(depth)])
+            self.final_layer = FinalLayer(embed_dim, patch_size, self.out_chans)
+        else:
+            self.extras = 2 if num_classes else 1
+            self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, backend=attn_backend)
+                                         for _ in range(depth)])
+            self.norm = nn.LayerNorm(embed_dim)
+            self.head = nn.Linear(embed_dim, patch_size * patch_size * self.out_chans)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's init: Xavier-uniform Linears, N(0, 0.02) embeddings, then zero the adaLN and output layers."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight  # the patch conv is a Linear on flattened patches
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.conditioning == "adaln-zero":
+            # adaLN-Zero: every gate starts at 0, so each block is the identity (DiT section 3.2)
+            for blk in self.blocks:
+                blk.zero_init()
+            for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        else:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def _check_inputs(self, x, t, cond):
+        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
+            raise ValueError(f"expected x of shape [B, {self.in_chans}, {self.img_size}, {self.img_size}], "
+                             f"got {tuple(x.shape)}")
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"expected t of shape [{x.shape[0]}] (one time in [0, 1] per image), got {tuple(t.shape)}")
+        if self.num_classes and (cond is None or cond.shape != (x.shape[0],)):
+            raise ValueError(f"this DiT is class-conditional: cond must be [B] integer labels "
+                             f"(null class {self.num_classes}), got {None if cond is None else tuple(cond.shape)}")
+
+    def condition(self, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """c = t_embedder(t) + y_embedder(label): the one vector every block is modulated by."""
+        c = self.t_embedder(t)
+        return c + self.y_embedder(cond) if self.num_classes else c
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        self._check_inputs(x, t, cond)
+        tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        c = self.condition(t, cond).to(tokens.dtype)
+        if self.conditioning == "adaln-zero":
+            for blk in self.blocks:
+                tokens = self._run(blk, tokens, c)
+            out = self.final_layer(tokens, c)
+        else:
+            extra = [self.t_embedder(t)[:, None].to(tokens.dtype)]
+            if self.num_classes:
+                extra.append(self.y_embedder(cond)[:, None])
+            tokens = torch.cat(extra + [tokens], dim=1)
+            for blk in self.blocks:
+                tokens = self._run(blk, tokens)
+            out = self.head(self.norm(tokens))[:, self.extras:]
+        return unpatchify(out, self.patch_size, self.out_chans)
+
+    def _run(self, blk, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
+
+
+# DiT Table 1: S/B/L/XL = width 384/768/1024/1152, depth 12/12/24/28, heads 6/12/16/16; ImageNet-256 latents.
+_SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1152, 28, 16)}
+_COUNTS = {"s": "32,963,360", "b": "130,512,416", "l": "458,102,816", "xl": "675,129,632"}
+for _name, (_d, _depth, _heads) in _SIZES.items():
+    register(f"dit-{_name}/2", "dit:DiT",
+             f"DiT-{_name.upper()}/2, latents 4x32x32, 1000 classes + null, learned sigma ({_COUNTS[_name]} params)",
+             img_size=32, patch_size=2, in_chans=4, embed_dim=_d, depth=_depth, num_heads=_heads,
+             num_classes=1000, learn_sigma=True)
+register("dit-course", "dit:DiT", "the CPU course DiT: shapes 32x32, 18 classes, adaLN-Zero",
+         img_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6, num_heads=4, num_classes=18,
+         learn_sigma=False)
