@@ -11,7 +11,7 @@ import importlib
 
 _SUBMODULES = (
     "data", "diffusion", "patch", "blocks", "models", "samplers", "train",
-    "evaluate", "viz", "bench", "course", "text", "autoencoder", "pipeline", "interop",
+    "evaluate", "viz", "bench", "course", "text", "autoencoder", "pipeline", "interop", "demo",
 )
 
 

@@ -200,6 +200,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, s
     ``scale`` maps tld's t in [0, 1] onto the integer-step range the references embed
     (t * 1000); frequencies run from 1 down to 1/max_period.
     """
+    if order not in ("cos_sin", "sin_cos"):
+        raise ValueError(f"unknown order {order!r}; expected 'cos_sin' (DDPM, DiT) or 'sin_cos' (TLD)")
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = (t.float() * scale)[:, None] * freqs[None]

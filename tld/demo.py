@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import train as T
-from .data import DEFAULT_COLORS, SHAPES
+from .data import DEFAULT_COLORS
 
 REFERENCE = Path(__file__).resolve().parent.parent / "data" / "pretrained" / "shapes-cond"
 
