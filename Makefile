@@ -36,6 +36,9 @@ test-fast: $(STAMP)
 notebooks: $(STAMP)
 	$(PY) -m pytest -q --nbval-lax notebooks -p no:cacheprovider
 
+course: $(STAMP)
+	$(PY) -m tld.course run --preset cpu
+
 lint: $(STAMP)
 	$(PY) -m ruff check tld tests
 

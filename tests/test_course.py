@@ -1,0 +1,199 @@
+"""Claims of tld.course: exercises come from solutions, checkers explain mistakes, the runner runs.
+
+Every checker passes on the solution in solutions/, fails on the stub in exercises/ and on a
+plausible wrong answer, each time with a CheckError that names the task and says what differs.
+"""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from tld import course
+from tld.course import CHECKERS, CheckError, exercise_notebook, exercise_source, write_exercises
+
+REPO = Path(__file__).resolve().parent.parent
+SOLUTIONS = sorted((REPO / "solutions").glob("[0-9][0-9]_*.ipynb"))
+
+
+# --------------------------------------------------------------------------- the generator
+
+def test_committed_exercises_equal_freshly_generated_ones(tmp_path):
+    fresh = tmp_path / "exercises"
+    write_exercises(REPO / "solutions", fresh)
+    committed = sorted(p.name for p in (REPO / "exercises").glob("*.ipynb"))
+    assert committed == [p.name for p in SOLUTIONS], "one exercise notebook per solution notebook"
+    for name in committed:
+        assert (fresh / name).read_text() == (REPO / "exercises" / name).read_text(), \
+            f"exercises/{name} is stale: run `python -m tld.course exercises`"
+    assert write_exercises(check=True) == []
+
+
+def test_generator_stubs_a_block_at_the_indentation_of_its_begin_marker():
+    src = ("import torch\n"
+           "def outer(x):\n"
+           "    def inner(y):\n"
+           "        # BEGIN SOLUTION\n"
+           "        z = y * 2\n"
+           "        return z\n"
+           "        # END SOLUTION\n"
+           "    return inner(x)\n"
+           "# BEGIN SOLUTION\n"
+           "answer = 42\n"
+           "# END SOLUTION\n"
+           "print(answer)")
+    out = exercise_source(src)
+    assert out == ("import torch\n"
+                   "def outer(x):\n"
+                   "    def inner(y):\n"
+                   '        raise NotImplementedError("exercise: write inner")\n'
+                   "    return inner(x)\n"
+                   'raise NotImplementedError("exercise: fill in this part")\n'
+                   "print(answer)")
+    compile(out, "<exercise>", "exec")
+
+
+@pytest.mark.parametrize("src, message", [
+    ("# BEGIN SOLUTION\nx = 1\n", "never closed"),
+    ("x = 1\n# END SOLUTION\n", "without a '# BEGIN SOLUTION'"),
+    ("# BEGIN SOLUTION\n# BEGIN SOLUTION\n# END SOLUTION\n", "inside another solution block"),
+])
+def test_generator_rejects_unbalanced_markers_naming_the_line(src, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        exercise_source(src, where="demo.ipynb, cell 3")
+    assert "demo.ipynb, cell 3, line" in str(info.value)
+
+
+def test_generator_drops_solution_prose_clears_outputs_and_points_the_badge_at_exercises():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("[badge](https://x/blob/main/solutions/01_a.ipynb)\n"
+                                      "<!-- BEGIN SOLUTION -->\nsolutions only\n<!-- END SOLUTION -->\nkept"),
+        nbformat.v4.new_code_cell("def f():\n    # BEGIN SOLUTION\n    return 1\n    # END SOLUTION",
+                                  outputs=[nbformat.v4.new_output("stream", text="1")], execution_count=3),
+    ])
+    ex = exercise_notebook(nb, "01_a.ipynb")
+    assert ex.cells[0].source == "[badge](https://x/blob/main/exercises/01_a.ipynb)\nkept"
+    assert ex.cells[1].outputs == [] and ex.cells[1].execution_count is None
+    assert "return 1" in nb.cells[1].source, "the solution notebook itself is left untouched"
+    with pytest.raises(ValueError, match="no '# BEGIN SOLUTION' block"):
+        exercise_notebook(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")]), "02_b.ipynb")
+
+
+# --------------------------------------------------------------------------- the checkers
+
+def _functions(path: Path) -> dict:
+    """Run a notebook's import cell and its task cells; return {task: function} from its check_ calls."""
+    cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    ns: dict = {}
+    imports = next(c for c in cells if c.source.lstrip().startswith(("import", "from")) and "!pip" not in c.source)
+    exec(compile(imports.source, f"{path.name}:imports", "exec"), ns)
+    for c in cells:
+        if re.search(r"^\s*def \w+", c.source, re.M) and ("BEGIN SOLUTION" in c.source or "NotImplementedError" in c.source):
+            exec(compile(c.source, f"{path.name}:task", "exec"), ns)
+    calls = re.findall(r"^check_(\w+)\((\w+)\)", "\n".join(c.source for c in cells), re.M)
+    return {task: ns[fn] for task, fn in calls}
+
+
+SOLVED = {task: fn for p in SOLUTIONS for task, fn in _functions(p).items()}
+STUBS = {task: fn for p in sorted((REPO / "exercises").glob("[0-9][0-9]_*.ipynb")) for task, fn in _functions(p).items()}
+
+
+def _wrong_sincos(dim, grid):  # x and y halves swapped
+    from tld.patch import sincos_2d
+    e = sincos_2d(dim, grid)
+    return torch.cat([e[:, dim // 2:], e[:, : dim // 2]], 1)
+
+
+# a plausible mistake for each task, and a word its hint must contain
+WRONG = {
+    "add_noise": (lambda x0, eps, t, s: s.alpha(t).view(-1, 1, 1, 1) ** 2 * x0 + s.sigma(t).view(-1, 1, 1, 1) ** 2 * eps,
+                  "square"),
+    "log_snr": (lambda t, s: torch.log(s.alpha(t) / s.sigma(t)), "half"),
+    "patchify": (lambda x, p: x.reshape(x.shape[0], x.shape[1], x.shape[2] // p, p, x.shape[3] // p, p)
+                 .permute(0, 2, 4, 1, 3, 5).reshape(x.shape[0], -1, p * p * x.shape[1]), "(p, p, C)"),
+    "unpatchify": (lambda tok, p, c: tok.reshape(tok.shape[0], math.isqrt(tok.shape[1]), math.isqrt(tok.shape[1]), c, p, p)
+                   .permute(0, 3, 1, 4, 2, 5).reshape(tok.shape[0], c, math.isqrt(tok.shape[1]) * p, -1), "wrong places"),
+    "sincos_2d": (_wrong_sincos, "swapped"),
+    "attention": (lambda q, k, v: (q @ k.transpose(-2, -1)).softmax(-1) @ v, "sqrt(d)"),
+    "split_heads": (lambda x, h: x.reshape(x.shape[0], h, x.shape[1], x.shape[2] // h), "transpose"),
+    "skip_fusion": (lambda deep, shallow, linear: linear(torch.cat([shallow, deep], -1)), "deep first"),
+    "timestep_embedding": (lambda t, dim: torch.cat([torch.sin(a := (1000 * t)[:, None] * torch.exp(
+        -math.log(10000) * torch.arange(dim // 2) / (dim // 2))[None]), torch.cos(a)], -1), "[cos, sin]"),
+    "modulate": (lambda x, shift, scale: x * scale[:, None] + shift[:, None], "1 + scale"),
+    "gate": (lambda x, g, branch: g[:, None] * branch, "residual"),
+    "ddim_step": (lambda x, eps, a_t, s_t, a_s, s_s: a_s * x + s_s * eps, "x0_pred"),
+    "dpm_solver_2m_step": (lambda x, m0, m1, lp, lt, ls, a_s, s_s, s_t: (s_s / s_t) * x - a_s * math.expm1(-(ls - lt)) * m0,
+                           "first-order"),
+    "guidance": (lambda c, u, w: c + w * (c - u), "w - 1"),
+}
+
+
+def test_every_checker_has_a_solution_a_stub_and_a_wrong_answer():
+    assert set(CHECKERS) == set(SOLVED) == set(STUBS) == set(WRONG), (
+        sorted(CHECKERS), sorted(SOLVED), sorted(STUBS), sorted(WRONG))
+    assert 2 <= min(len(_functions(p)) for p in SOLUTIONS if not p.name.startswith("08")) <= 4
+
+
+@pytest.mark.parametrize("task", sorted(CHECKERS))
+def test_checker_passes_on_its_solution_and_says_so(task, capsys):
+    CHECKERS[task](SOLVED[task])
+    assert f"✓ check_{task}:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task", sorted(CHECKERS))
+def test_checker_fails_on_the_stub_telling_the_learner_to_replace_it(task):
+    with pytest.raises(CheckError, match=rf"check_{task}: your function is still the stub .*exercise: write"):
+        CHECKERS[task](STUBS[task])
+
+
+@pytest.mark.parametrize("task", sorted(CHECKERS))
+def test_checker_fails_on_a_plausible_mistake_with_what_differs_and_a_hint(task):
+    wrong, word = WRONG[task]
+    with pytest.raises(CheckError) as info:
+        CHECKERS[task](wrong)
+    msg = str(info.value)
+    assert isinstance(info.value, AssertionError)
+    assert msg.startswith(f"check_{task}: ") and "\n  on " in msg, msg
+    assert "wrong values: max abs error" in msg or "wrong shape" in msg, msg
+    assert "hint:" in msg and word in msg, msg
+
+
+def test_checker_reports_a_wrong_shape_and_a_crash_readably():
+    with pytest.raises(CheckError, match=r"wrong shape: got \(2, 3, 8, 8\), expected \(2, 16, 12\)"):
+        course.check_patchify(lambda x, p: x)
+    with pytest.raises(CheckError, match="raised ZeroDivisionError: division by zero"):
+        course.check_modulate(lambda x, shift, scale: 1 / 0)
+    with pytest.raises(CheckError, match="returned NoneType, expected a tensor"):
+        course.check_attention(lambda q, k, v: None)
+
+
+# --------------------------------------------------------------------------- the runner
+
+def _tiny(path: Path, params: str, body: str) -> Path:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]}),
+                                         nbformat.v4.new_code_cell(body)],
+                                  metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nbformat.write(nb, path)
+    return path
+
+
+def test_runner_passes_preset_only_where_defined_and_tabulates_failures(tmp_path, capsys):
+    pytest.importorskip("papermill")
+    src = tmp_path / "notebooks"
+    src.mkdir()
+    with_preset = _tiny(src / "01_a.ipynb", 'preset = "cpu"\nseed = 0', 'assert preset == "smoke", preset')
+    without = _tiny(src / "02_b.ipynb", "seed = 0", "1 / 0")
+    rows = course.run_course("smoke", [with_preset, without], tmp_path / "build", timeout=120)
+    assert [r["passed"] for r in rows] == [True, False]
+    assert "ZeroDivisionError" in rows[1]["error"]
+    injected = [c for c in json.loads((tmp_path / "build/notebooks/02_b.ipynb").read_text())["cells"]
+                if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert not injected, "no preset is passed to a notebook whose parameters cell lacks it"
+    out = capsys.readouterr().out
+    assert "| lesson | seconds | passed |" in out and "| notebooks/02_b.ipynb |" in out and "NO" in out
+    assert json.loads((tmp_path / "build/course.json").read_text())[0]["preset"] == "smoke"
