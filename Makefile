@@ -28,13 +28,13 @@ demo: $(STAMP)
 	$(PY) -m tld.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider $(TEST_ARGS)
+	$(PY) -m pytest -q tests notebooks solutions --nbval-lax -p no:cacheprovider $(TEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not slow and not multiprocess" -p no:cacheprovider
 
 notebooks: $(STAMP)
-	$(PY) -m pytest -q --nbval-lax notebooks -p no:cacheprovider
+	$(PY) -m pytest -q --nbval-lax notebooks solutions -p no:cacheprovider
 
 course: $(STAMP)
 	$(PY) -m tld.course run --preset cpu
