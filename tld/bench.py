@@ -2,6 +2,7 @@
 
     python -m tld.bench samplers     # accuracy vs the exact ODE solution, and per-step overhead
     python -m tld.bench spacing      # DPM-Solver++(2M) error for each step spacing (the default's evidence)
+    python -m tld.bench train        # training steps/s and memory: tld's DiT vs diffusers' DiTTransformer2DModel
 
 Each subcommand is a function in ``COMMANDS``; add one (e.g. ``train``) by writing ``bench_train(argv)``
 and registering it there.
@@ -173,7 +174,205 @@ def bench_spacing(argv=None) -> dict:
     return out
 
 
-COMMANDS = {"samplers": bench_samplers, "spacing": bench_spacing}
+# ---------------------------------------------------------------------------------------------
+# train: steps/s and memory of a DiT training step, ours vs diffusers'; checkpointing; GFLOP/s
+# ---------------------------------------------------------------------------------------------
+
+
+def dit_pair(size: int = 16, width: int = 384, depth: int = 6, heads: int = 6, patch: int = 2,
+             classes: int = 1000, channels: int = 4):
+    """tld's DiT and diffusers' DiTTransformer2DModel with the same configuration (eps only)."""
+    from diffusers import DiTTransformer2DModel
+
+    from .models import create
+
+    torch.manual_seed(0)
+    ours = create("dit-s/2", img_size=size, patch_size=patch, in_chans=channels, embed_dim=width, depth=depth,
+                  num_heads=heads, num_classes=classes, learn_sigma=False)
+    theirs = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=width // heads,
+                                   in_channels=channels, out_channels=channels, num_layers=depth,
+                                   sample_size=size, patch_size=patch, num_embeds_ada_norm=classes)
+    return ours, theirs
+
+
+def make_step(model, who: str, batch: int, device, amp_dtype=None):
+    """One optimiser step (forward, MSE loss, backward, AdamW) as a closure; returns (step, loss_fn)."""
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    c = getattr(model, "in_chans", None) or model.config.in_channels
+    size = getattr(model, "img_size", None) or model.config.sample_size
+    x = torch.randn(batch, c, size, size, generator=g).to(device)
+    target = torch.randn(x.shape, generator=g).to(device)
+    t = torch.rand(batch, generator=g).to(device)
+    y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+
+    def loss_fn():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if who == "tld":
+                out = model(x, t, y)
+            else:  # diffusers' DiT embeds the integer timestep 0..999, as the DiT reference does
+                out = model(x, timestep=(t * 999).long(), class_labels=y, return_dict=False)[0]
+        return (out.float() - target).pow(2).mean()
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, loss_fn
+
+
+def saved_activation_bytes(model, loss_fn) -> int:
+    """Bytes of the tensors autograd keeps for backward (the activation memory), parameters excluded.
+
+    Every saved tensor stays alive until backward, so their storages are distinct and their sum is
+    what one forward holds; a CPU has no allocator statistics, this is the sound measure there.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def step_flops(loss_fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        loss_fn().backward()
+    return counter.get_total_flops()
+
+
+def matmul_peak(device, n: int = 1024, repeats: int = 10, dtype=torch.float32) -> float:
+    """This machine's measured matmul rate (GFLOP/s): the best of several n x n products."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(fns: dict, device, repeats: int, steps: int) -> dict:
+    """Median seconds per step of each closure, measured alternately so load hits both alike."""
+    for fn in fns.values():  # warm-up
+        fn(), fn()
+    times = {who: [] for who in fns}
+    for _ in range(repeats):
+        for who, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            _sync(device)
+            times[who].append((time.perf_counter() - t0) / steps)
+    return {who: statistics.median(v) for who, v in times.items()}
+
+
+def peak_cuda_bytes(step) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def checkpointing_saving(preset: str = "uvit-course", batch: int = 16, device=None) -> dict:
+    """Activation memory of a U-ViT preset with and without per-block gradient checkpointing."""
+    from .models import create
+
+    device = device or torch.device("cpu")
+    torch.manual_seed(0)
+    model = create(preset).to(device).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, model.in_chans, model.img_size, model.img_size, generator=g).to(device)
+    t = torch.rand(batch, generator=g).to(device)
+    y = torch.randint(0, max(model.num_classes, 1), (batch,), generator=g).to(device) if model.num_classes else None
+    out = {}
+    for on in (False, True):
+        model.gradient_checkpointing = on
+        out[on] = saved_activation_bytes(model, lambda: model(x, t, y).pow(2).mean())
+    return {"preset": preset, "batch": batch, "plain": out[False], "checkpointed": out[True],
+            "saving": 1 - out[True] / out[False]}
+
+
+def bench_train(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m tld.bench train")
+    p.add_argument("--size", type=int, default=16, help="latent size (16: 128px images through an SD VAE)")
+    p.add_argument("--width", type=int, default=384)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
+    p.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (GPU)")
+    p.add_argument("--uvit", default="uvit-course", help="U-ViT preset for the checkpointing measurement")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    amp = torch.bfloat16 if args.bf16 else None
+    ours, theirs = dit_pair(args.size, args.width, args.depth, args.heads)
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    steps, losses = {}, {}
+    for who, model in (("tld", ours), ("diffusers", theirs)):
+        steps[who], losses[who] = make_step(model, who, args.batch, device, amp)
+    where = (torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)")
+    print(f"DiT training step, {where}, {'bf16 autocast' if amp else 'fp32'}: latents {args.size}x{args.size}x4, "
+          f"patch 2, width {args.width}, depth {args.depth}, heads {args.heads}, batch {args.batch}, AdamW")
+    print(f"parameters: tld {n_ours:,}  diffusers {n_theirs:,}")
+    flops = {who: step_flops(losses[who]) for who in steps}
+    act = {who: saved_activation_bytes(m, losses[who]) for who, m in (("tld", ours), ("diffusers", theirs))}
+    sec = time_steps(steps, device, args.repeats, args.steps)
+    peak = {who: peak_cuda_bytes(steps[who]) for who in steps} if device.type == "cuda" else None
+    mm = matmul_peak(device, 4096 if device.type == "cuda" else 1024,
+                     dtype=torch.bfloat16 if amp else torch.float32)
+    print(f"{'':10s} {'steps/s':>8s} {'ms/step':>8s} {'act. MB':>8s} {'state MB':>9s} "
+          f"{'peak MB' if peak else '':>8s} {'GFLOP/step':>11s} {'GFLOP/s':>8s} {'of peak':>8s}")
+    rows = {}
+    for who, model in (("tld", ours), ("diffusers", theirs)):
+        state = 4 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights, grads, Adam m and v
+        rate = flops[who] / sec[who] / 1e9
+        rows[who] = dict(steps_per_s=1 / sec[who], act_bytes=act[who], state_bytes=state, flops=flops[who],
+                         gflops_per_s=rate, peak_bytes=peak[who] if peak else None)
+        print(f"{who:10s} {1 / sec[who]:8.2f} {1e3 * sec[who]:8.1f} {act[who] / 2**20:8.1f} {state / 2**20:9.1f} "
+              f"{peak[who] / 2**20 if peak else '':>8} {flops[who] / 1e9:11.2f} {rate:8.1f} {rate / mm:8.0%}")
+    speed = sec["diffusers"] / sec["tld"]
+    mem = (peak["tld"] / peak["diffusers"]) if peak else act["tld"] / act["diffusers"]
+    print(f"tld / diffusers: {speed:.2f}x the steps/s, {mem:.2f}x the "
+          f"{'peak memory' if peak else 'activation memory'}  (medians of {args.repeats} alternating repeats "
+          f"of {args.steps} steps)")
+    print(f"matmul peak measured here: {mm:.1f} GFLOP/s ({'4096' if device.type == 'cuda' else '1024'}^2 "
+          f"{'bf16' if amp else 'fp32'})")
+    ck = checkpointing_saving(args.uvit, device=device)
+    print(f"gradient checkpointing on {ck['preset']} (batch {ck['batch']}): activations {ck['plain'] / 2**20:.1f} MB"
+          f" -> {ck['checkpointed'] / 2**20:.1f} MB, saving {ck['saving']:.0%} (bytes saved for backward)")
+    return {"rows": rows, "speed_ratio": speed, "memory_ratio": mem, "matmul_gflops": mm, "checkpointing": ck}
+
+
+COMMANDS = {"samplers": bench_samplers, "spacing": bench_spacing, "train": bench_train}
 
 
 def main(argv=None) -> None:

@@ -6,6 +6,10 @@ One entry point at every scale::
     python -m tld.train preset=cpu-demo max_minutes=10     # the course's CPU model
     accelerate launch --num_processes 8 -m tld.train preset=... batch_size=1024
 
+On N GPUs of one machine: ``accelerate launch --multi_gpu --num_processes N -m tld.train preset=...``;
+on M machines add ``--num_machines M --machine_rank R --main_process_ip HOST --main_process_port 29500``
+(or ``torchrun --nnodes M --nproc_per_node N ... -m tld.train``). The global batch stays ``batch_size``.
+
 Randomness is *stateless*: the images, noise, times and label dropout of step s come from
 generators seeded with (seed, step), and each process takes its own slice of the global batch.
 So resuming needs no RNG state, 1 process and N processes see the same global batch (and give
@@ -46,11 +50,13 @@ class TrainConfig:
     model: str = "uvit-course"
     model_overrides: dict = field(default_factory=dict)
     # data
-    dataset: str = "shapes"  # shapes | digits | folder
-    data_root: str = ""  # for dataset=folder: a folder of images with captions.jsonl/csv
+    dataset: str = "shapes"  # shapes | digits | folder | tensors
+    # dataset=folder: a folder of images with captions.jsonl/csv; dataset=tensors: a .safetensors file
+    # with "images" [N, C, H, W] (pixels in [-1, 1] or scaled latents) and "labels" [N] or "text" [N, D]
+    data_root: str = ""
     image_size: int = 32
     dataset_length: int = 1_000_000  # procedural datasets: how many distinct images
-    conditioning: str = "class"  # class | none
+    conditioning: str = "class"  # class | none | text (pooled text embeddings of a tensors dataset)
     class_dropout: float = 0.1  # classifier-free guidance: labels replaced by the null class
     # diffusion
     schedule: str = "vp-cosine"
@@ -100,6 +106,56 @@ PRESETS: dict[str, dict] = {
     "cpu-demo": dict(model="uvit-course", image_size=32, batch_size=64, max_steps=1000, max_minutes=10,
                      warmup_steps=50, lr=2e-3, out_dir="runs/demo", save_every=200),
 }
+
+# GPU recipes: the papers' optimiser, lr, weight decay, betas, EMA, warmup and batch (REFERENCES.md "Recipes").
+# They read a ``dataset=tensors`` file that is NOT shipped (CIFAR-10 pixels, ImageNet / text-image latents:
+# see GPU_RECIPES below for how to make one); on a machine without it they stop with a FileNotFoundError.
+PRESETS.update({
+    # U-ViT S/2 on CIFAR-10 (Bao et al. 2023, Table 7 / configs/cifar10_uvit_small.py): unconditional, eps, VP.
+    "uvit-s2-cifar10": dict(model="uvit-s/2", dataset="tensors", data_root="data/cifar10/train.safetensors",
+                            image_size=32, conditioning="none", schedule="vp-linear", prediction="eps",
+                            batch_size=128, lr=2e-4, weight_decay=0.03, beta1=0.99, beta2=0.999,
+                            warmup_steps=2500, lr_schedule="constant", ema_decay=0.9999, max_steps=500_000,
+                            mixed_precision="bf16", log_every=100, save_every=10_000, sample_every=10_000,
+                            sample_sampler="dpm++2m", sample_steps=50, out_dir="runs/uvit-s2-cifar10"),
+    # DiT-XL/2 on ImageNet-256 SD-VAE latents x 0.18215 (Peebles & Xie 2023): AdamW 1e-4, wd 0, constant lr,
+    # no warmup, EMA 0.9999, batch 256, label dropout 0.1. Ours predicts eps only (no learned sigma / VLB term).
+    "dit-xl2-imagenet": dict(model="dit-xl/2", model_overrides={"learn_sigma": False}, dataset="tensors",
+                             data_root="data/imagenet256-latents/train.safetensors", image_size=32,
+                             conditioning="class", class_dropout=0.1, schedule="vp-linear", prediction="eps",
+                             batch_size=256, lr=1e-4, weight_decay=0.0, beta1=0.9, beta2=0.999, warmup_steps=0,
+                             lr_schedule="constant", grad_clip=0.0, ema_decay=0.9999, max_steps=400_000,
+                             mixed_precision="bf16", log_every=100, save_every=20_000, sample_every=20_000,
+                             sample_sampler="ddim", sample_steps=50, sample_guidance=4.0,
+                             out_dir="runs/dit-xl2-imagenet"),
+    # TLD 100M, 256px text-to-image (apapiu/transformer_latent_diffusion): SDXL-VAE latents / 8 (4x32x32),
+    # pooled CLIP (768), x0 target, rectified schedule, sigma ~ Beta(1, 2.5), Adam 3e-4, EMA 0.999, batch 256,
+    # text dropped to the zero vector 15% of the time.
+    "tld-256": dict(model="tld-100m", dataset="tensors", data_root="data/text-latents/train.safetensors",
+                    image_size=32, conditioning="text", class_dropout=0.15, schedule="rectified", prediction="x0",
+                    time_sampler="beta", batch_size=256, lr=3e-4, weight_decay=0.0, beta1=0.9, beta2=0.999,
+                    warmup_steps=0, lr_schedule="constant", ema_decay=0.999, max_steps=260_000,
+                    mixed_precision="bf16", log_every=100, save_every=10_000, sample_every=10_000,
+                    sample_sampler="dpm++2m", sample_steps=20, sample_guidance=4.0, out_dir="runs/tld-256"),
+})
+
+GPU_RECIPES = """\
+GPU presets. Expected time on one A100-80GB in bf16, estimated from the training FLOPs per image
+(torch.utils.flop_counter, forward + backward) at 40% of the 312 TFLOP/s bf16 peak:
+
+  preset            model     data (a dataset=tensors file)                  batch  steps  GFLOP/img  ~1 A100
+  uvit-s2-cifar10   uvit-s/2  CIFAR-10 train, pixels in [-1, 1], 3x32x32      128   500K     73     ~11 h
+  dit-xl2-imagenet  dit-xl/2  ImageNet-256 SD-VAE latents x 0.18215, labels   256   400K    712     ~7 days
+  tld-256           tld-100m  SDXL-VAE latents / 8, pooled CLIP 'text' [768]  256   260K    139     ~21 h
+
+The tensors file is one .safetensors with "images" [N, C, H, W] float and "labels" [N] int (class presets)
+or "text" [N, 768] float (tld-256); make it once with the VAE and CLIP encoders (the latents cache of lesson 10).
+Launch on N GPUs of one machine (the global batch stays the preset's; add grad_accum=K if it does not fit):
+
+  accelerate launch --multi_gpu --num_processes N -m tld.train preset=dit-xl2-imagenet data_root=/path/file
+
+and on M machines: add --num_machines M --machine_rank R --main_process_ip HOST --main_process_port 29500.
+"""
 
 
 def config_from_args(args: list[str]) -> TrainConfig:
@@ -166,8 +222,8 @@ def _coerce(f: dataclasses.Field, v: str):
 
 def validate(cfg: TrainConfig) -> None:
     choices = {
-        "dataset": ("shapes", "digits", "folder"),
-        "conditioning": ("class", "none"),
+        "dataset": ("shapes", "digits", "folder", "tensors"),
+        "conditioning": ("class", "none", "text"),
         "schedule": tuple(diffusion.SCHEDULES),
         "prediction": diffusion.PREDICTIONS,
         "time_sampler": diffusion.TIME_SAMPLERS,
@@ -184,6 +240,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.dataset == "folder" and not cfg.data_root:
         raise ValueError("dataset=folder needs data_root=<folder with images and captions.jsonl/csv>")
+    if cfg.conditioning == "text" and cfg.dataset != "tensors":
+        raise ValueError(f"conditioning=text needs dataset=tensors (a file with a 'text' tensor), got {cfg.dataset!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +256,48 @@ def build_dataset(cfg: TrainConfig):
         return data.ShapesDataset(size=cfg.image_size, seed=cfg.seed, length=cfg.dataset_length)
     if cfg.dataset == "digits":
         return data.DigitsDataset(size=cfg.image_size, seed=cfg.seed, channels=3)
+    if cfg.dataset == "tensors":
+        return TensorFileDataset(cfg.data_root, cfg.image_size, cfg.conditioning)
     return data.CaptionedImageFolder(cfg.data_root, size=cfg.image_size)
+
+
+class TensorFileDataset(torch.utils.data.Dataset):
+    """Precomputed tensors in one .safetensors file: "images" [N, C, H, W] and "labels" [N] or "text" [N, D].
+
+    The GPU presets train on these (CIFAR-10 pixels, VAE latents, pooled text embeddings); the file is
+    made once, outside the loop, so training reads no images and runs no encoder.
+    """
+
+    def __init__(self, path, image_size: int, conditioning: str = "class"):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"dataset=tensors needs data_root=<a .safetensors file with 'images' [N, C, {image_size}, "
+                f"{image_size}] and 'labels' or 'text'>, but {str(path)!r} does not exist. The GPU presets' "
+                f"data (CIFAR-10 / ImageNet or text-image latents) is not shipped and cannot be downloaded "
+                f"here; make the file on a machine with the data (see tld.train.GPU_RECIPES)")
+        t = load_file(str(path))
+        if "images" not in t or t["images"].ndim != 4 or t["images"].shape[-1] != image_size:
+            got = tuple(t["images"].shape) if "images" in t else f"keys {sorted(t)}"
+            raise ValueError(f"{path}: expected 'images' [N, C, {image_size}, {image_size}], got {got}")
+        need = {"class": "labels", "text": "text"}.get(conditioning)
+        if need and need not in t:
+            raise ValueError(f"{path}: conditioning={conditioning} needs a {need!r} tensor; found {sorted(t)}")
+        self.images = t["images"].float()
+        self.labels = t["labels"].long() if conditioning == "class" else None
+        self.text = t["text"].float() if conditioning == "text" else None
+        self.num_classes = int(self.labels.max()) + 1 if self.labels is not None else 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        item = {"image": self.images[i]}
+        if self.labels is not None:
+            item["label"] = self.labels[i]
+        if self.text is not None:
+            item["text"] = self.text[i]
+        return item
 
 
 def _step_generator(seed: int, step: int, salt: int) -> torch.Generator:
@@ -246,13 +345,35 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 
 def step_randomness(cfg: TrainConfig, step: int, shape: tuple, num_classes: int):
-    """The global batch's times, noise and label-dropout mask for one step (same on every rank)."""
+    """The global batch's times, noise and label-dropout mask for one step (same on every rank).
+
+    ``num_classes`` > 0 (or -1 for text conditioning) draws the condition-dropout mask.
+    """
     g = _step_generator(cfg.seed, step, 1)
     schedule = diffusion.get_schedule(cfg.schedule)
     t = diffusion.sample_t(shape[0], cfg.time_sampler, generator=g, t_min=schedule.t_min, t_max=schedule.t_max)
     eps = torch.randn(shape, generator=g)
     drop = torch.rand(shape[0], generator=g) < cfg.class_dropout if num_classes else None
     return t, eps, drop
+
+
+def rank_slice(global_batch: int, rank: int, world: int, accum: int, micro_step: int) -> slice:
+    """The positions of the global batch that ``rank`` uses in micro-batch ``micro_step``.
+
+    The same layout as StepBatchSampler: so rank r's noise and times are rows [slice] of
+    step_randomness's global draw, disjoint from every other rank's (each rank draws its own noise).
+    """
+    micro = global_batch // (world * accum)
+    lo = micro_step * world * micro + rank * micro
+    return slice(lo, lo + micro)
+
+
+def rank_randomness(cfg: TrainConfig, step: int, shape: tuple, num_classes: int, rank: int, world: int,
+                    micro_step: int = 0):
+    """What one rank draws for one micro-batch: its rows of the step's (times, noise, dropout mask)."""
+    t, eps, drop = step_randomness(cfg, step, (cfg.batch_size, *shape), num_classes)
+    sl = rank_slice(cfg.batch_size, rank, world, cfg.grad_accum, micro_step)
+    return t[sl], eps[sl], None if drop is None else drop[sl]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +410,8 @@ def model_kwargs(cfg: TrainConfig, dataset) -> dict:
     kw = dict(img_size=cfg.image_size, in_chans=int(item["image"].shape[0]),
               num_classes=getattr(dataset, "num_classes", 0) if cfg.conditioning == "class" else 0,
               attn_backend=cfg.attn_backend)
+    if cfg.conditioning == "text":
+        kw["text_dim"] = int(item["text"].shape[-1])
     return {**kw, **cfg.model_overrides}
 
 
@@ -411,6 +534,7 @@ def train(cfg: TrainConfig, accelerator=None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if accelerator is None:
+        _forget_other_precision(cfg.mixed_precision)
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     if cfg.mixed_precision != "no" and accelerator.device.type == "cpu":
         warnings.warn(f"mixed_precision={cfg.mixed_precision} on a CPU is far slower than fp32; use it on GPUs",
@@ -421,6 +545,7 @@ def train(cfg: TrainConfig, accelerator=None) -> dict:
 
     dataset = build_dataset(cfg)
     num_classes = getattr(dataset, "num_classes", 0) if cfg.conditioning == "class" else 0
+    text = cfg.conditioning == "text"
     schedule = diffusion.get_schedule(cfg.schedule)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model_kw = model_kwargs(cfg, dataset)
@@ -462,7 +587,6 @@ def train(cfg: TrainConfig, accelerator=None) -> dict:
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world, cfg.grad_accum,
                                start_step, cfg.max_steps)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
-    micro = sampler.micro
     batch_iter = iter(loader)
     img_shape = tuple(dataset[0]["image"].shape)
 
@@ -478,14 +602,14 @@ def train(cfg: TrainConfig, accelerator=None) -> dict:
     while step < end:
         if cfg.max_minutes and _should_stop(accelerator, time.perf_counter() - t_start > 60 * cfg.max_minutes):
             break
-        t_all, eps_all, drop_all = step_randomness(cfg, step, (cfg.batch_size, *img_shape), num_classes)
+        t_all, eps_all, drop_all = step_randomness(cfg, step, (cfg.batch_size, *img_shape),
+                                                   -1 if text else num_classes)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         step_loss = torch.zeros((), device=accelerator.device)
         for a in range(cfg.grad_accum):
             batch = next(batch_iter)
-            lo = a * world * micro + rank * micro
-            sl = slice(lo, lo + micro)
+            sl = rank_slice(cfg.batch_size, rank, world, cfg.grad_accum, a)
             x0 = batch["image"].to(accelerator.device)
             t = t_all[sl].to(accelerator.device)
             eps = eps_all[sl].to(accelerator.device)
@@ -493,6 +617,9 @@ def train(cfg: TrainConfig, accelerator=None) -> dict:
             if num_classes:
                 cond = batch["label"].to(accelerator.device).clone()
                 cond[drop_all[sl].to(accelerator.device)] = num_classes  # the null class
+            elif text:
+                cond = batch["text"].to(accelerator.device).clone()
+                cond[drop_all[sl].to(accelerator.device)] = 0.0  # TLD's null text is the zero vector
             x_t = diffusion.add_noise(x0, eps, t, schedule)
             sync = a == cfg.grad_accum - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
@@ -525,12 +652,12 @@ def train(cfg: TrainConfig, accelerator=None) -> dict:
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             _save(accelerator, out_dir, step, raw_model, ema, optimizer, cfg, model_kw)
         if main and cfg.sample_every and step % cfg.sample_every == 0:
-            save_samples(ema, cfg, num_classes, out_dir / "samples" / f"step_{step:07d}.png")
+            save_samples(ema, cfg, num_classes, out_dir / "samples" / f"step_{step:07d}.png", dataset=dataset)
     bar.close()
     seconds = time.perf_counter() - t_start
     _save(accelerator, out_dir, step, raw_model, ema, optimizer, cfg, model_kw)
     if main:
-        save_samples(ema, cfg, num_classes, out_dir / "samples" / f"step_{step:07d}.png")
+        save_samples(ema, cfg, num_classes, out_dir / "samples" / f"step_{step:07d}.png", dataset=dataset)
     steps_done = step - start_step
     summary = {"steps": step, "steps_this_run": steps_done, "seconds": seconds,
                "steps_per_second": steps_done / seconds if seconds > 0 else float("nan"),
@@ -540,6 +667,17 @@ def train(cfg: TrainConfig, accelerator=None) -> dict:
         _write_json(out_dir / "summary.json", summary)
     accelerator.wait_for_everyone()
     return summary
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """accelerate keeps one global state per process and refuses a second Accelerator with another
+    precision; a single-process caller (a notebook, the tests) that switches precision gets a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision", mixed_precision) != mixed_precision \
+            and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state()
 
 
 class _nullcontext:
@@ -567,15 +705,36 @@ def _save(accelerator, out_dir, step, model, ema, optimizer, cfg, model_kw):
     accelerator.wait_for_everyone()
 
 
-def save_samples(ema: nn.Module, cfg: TrainConfig, num_classes: int, path: Path, per_class: int = 2) -> Path:
+def save_samples(ema: nn.Module, cfg: TrainConfig, num_classes: int, path: Path, per_class: int = 2,
+                 dataset=None) -> Path:
     from .viz import image_grid
 
-    labels = sample_grid_labels(num_classes, per_class) if num_classes else None
-    images = generate(ema, cfg, labels, n=16, steps=cfg.sample_steps, sampler=cfg.sample_sampler,
-                      guidance=cfg.sample_guidance, seed=cfg.seed)
+    if cfg.conditioning == "text":
+        images = _generate_text(ema, cfg, dataset)
+    else:
+        labels = sample_grid_labels(num_classes, per_class) if num_classes else None
+        images = generate(ema, cfg, labels, n=16, steps=cfg.sample_steps, sampler=cfg.sample_sampler,
+                          guidance=cfg.sample_guidance, seed=cfg.seed)
+    if images.shape[1] != 3:  # latents: show the first three channels (decode with the VAE for pictures)
+        images = images[:, :3]
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid((images.cpu() + 1) / 2, nrow=2 * per_class if num_classes else 4, scale=2).save(path)
     return path
+
+
+@torch.no_grad()
+def _generate_text(model: nn.Module, cfg: TrainConfig, dataset, n: int = 16) -> torch.Tensor:
+    """Samples for the first n text embeddings of a tensors dataset (null text = zeros)."""
+    from .samplers import sample
+
+    p = next(model.parameters())
+    cond = torch.stack([dataset[i]["text"] for i in range(min(n, len(dataset)))]).to(p.device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    noise = torch.randn(len(cond), model.in_chans, model.img_size, model.img_size, generator=g).to(p.device)
+    x = sample(model, noise, cfg.schedule, sampler=cfg.sample_sampler, steps=cfg.sample_steps,
+               prediction=cfg.prediction, cond=cond, null_cond=torch.zeros_like(cond),
+               guidance=cfg.sample_guidance, generator=g, progress=False)
+    return x.clamp(-1, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -583,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(__doc__)
         print("presets:", ", ".join(sorted(PRESETS)))
+        print(GPU_RECIPES)
         print("keys:", ", ".join(f.name for f in fields(TrainConfig)))
         return 0
     try:
@@ -590,7 +750,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except FileNotFoundError as e:  # a GPU preset's data file, a folder dataset: say what is missing, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if summary and os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"trained {summary['steps_this_run']} steps in {summary['seconds']:.1f} s "
               f"({summary['steps_per_second']:.2f} steps/s), final loss {summary['final_loss']:.4f}; "
