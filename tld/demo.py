@@ -73,9 +73,35 @@ def labelled_grid(panels: list[tuple[str, torch.Tensor]], labels: torch.Tensor, 
     return canvas
 
 
+def export(checkpoint, dest) -> Path:
+    """Copy a checkpoint's EMA weights and its config into ``dest`` (what ships in data/pretrained)."""
+    import shutil
+
+    src = Path(checkpoint)
+    if (src / "checkpoints").exists():
+        src = T.latest_checkpoint(src)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / "ema.safetensors", dest / "model.safetensors")
+    meta = json.loads((src / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps(meta, indent=2))
+    T.load_model(dest)  # fails loudly if what was written does not load
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    opts = dict(a.split("=", 1) for a in argv if "=" in a)
+    if argv[:1] == ["export"]:
+        if len(argv) != 3:
+            print("usage: python -m tld.demo export <run or checkpoint folder> <destination>", file=sys.stderr)
+            return 2
+        print(f"exported to {export(argv[1], argv[2])}")
+        return 0
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        print(f"error: expected key=value, got {bad[0]!r} (e.g. max_minutes=2 out=samples.png)", file=sys.stderr)
+        return 2
+    opts = dict(a.split("=", 1) for a in argv)
     out_png = Path(opts.pop("out", "samples.png"))
     per_class = int(opts.pop("per_class", 4))
     steps = int(opts.pop("steps", 50))
