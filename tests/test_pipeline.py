@@ -1,0 +1,120 @@
+"""Claims of tld.pipeline.TextToImage: prompts in, images in [0, 1] out, reproducible by seed, and
+one folder (safetensors + json) that loads back to the same images. Built from tiny local parts."""
+
+import json
+
+import pytest
+import torch
+
+from tld.autoencoder import DiffusersVAE, IdentityCodec, tiny_vae_config
+from tld.models import create
+from tld.pipeline import TextToImage
+from tld.text import CLIPText, TinyCLIP, shapes_captions, train_bpe_tokenizer
+
+PROMPTS = ["a red circle at the top left", "a blue square in the center"]
+
+
+def tiny_denoiser_config(text_dim: int, in_chans: int = 4, img_size: int = 8) -> dict:
+    return dict(name="tld-course", num_classes=0, text_dim=text_dim, in_chans=in_chans, img_size=img_size,
+                patch_size=2, embed_dim=32, depth=1, head_dim=16, noise_embed_dim=16)
+
+
+def build(text, codec, **kw):
+    torch.manual_seed(0)
+    cfg = tiny_denoiser_config(text.dim, codec.latent_channels, 8 if codec.latent_channels == 4 else 16)
+    spec = dict(cfg)
+    return TextToImage(create(spec.pop("name"), **spec), text, codec, denoiser_config=cfg, **kw)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    text = TinyCLIP(train_bpe_tokenizer(shapes_captions(n=300)), dim=16, width=16, depth=1, image_width=8).eval()
+    codec = DiffusersVAE(AutoencoderKL(**tiny_vae_config()), scale=0.7)
+    return text, codec
+
+
+def test_pipeline_turns_prompts_into_images_in_0_1(parts):
+    pipe = build(*parts)
+    images = pipe(PROMPTS, steps=4, guidance=3.0, seed=0)
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    assert images.std() > 0
+
+
+def test_same_seed_same_images_other_seed_other_images(parts):
+    pipe = build(*parts)
+    a, b = pipe(PROMPTS, steps=3, seed=5), pipe(PROMPTS, steps=3, seed=5)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (pipe(PROMPTS, steps=3, seed=6) - a).abs().max() > 1e-3
+
+
+def test_guidance_changes_the_images_and_uses_the_null_prompt(parts):
+    pipe = build(*parts)
+    assert (pipe(PROMPTS, steps=3, guidance=1.0) - pipe(PROMPTS, steps=3, guidance=4.0)).abs().max() > 1e-4
+    zero = build(*parts, null="zero")
+    assert (pipe(PROMPTS, steps=3, guidance=4.0) - zero(PROMPTS, steps=3, guidance=4.0)).abs().max() > 1e-4
+
+
+def test_save_and_load_one_folder_gives_the_same_images(parts, tmp_path):
+    pipe = build(*parts, sampler="ddim", guidance=2.0)
+    pipe.save_pretrained(tmp_path / "t2i")
+    files = sorted(str(p.relative_to(tmp_path / "t2i")) for p in (tmp_path / "t2i").rglob("*") if p.is_file())
+    assert all(f.endswith((".safetensors", ".json")) for f in files), files
+    assert json.loads((tmp_path / "t2i" / "pipeline.json").read_text())["sampler"] == "ddim"
+    loaded = TextToImage.from_pretrained(tmp_path / "t2i")
+    torch.testing.assert_close(loaded(PROMPTS, steps=3, seed=1), pipe(PROMPTS, steps=3, seed=1))
+
+
+def test_pil_output(parts):
+    out = build(*parts)(PROMPTS[:1], steps=2, output="pil")
+    assert len(out) == 1 and out[0].size == (32, 32) and out[0].mode == "RGB"
+
+
+def test_pixel_space_pipeline_with_identity_codec(parts, tmp_path):
+    pipe = build(parts[0], IdentityCodec())
+    assert pipe(PROMPTS, steps=2).shape == (2, 3, 16, 16)
+    pipe.save_pretrained(tmp_path / "px")
+    assert isinstance(TextToImage.from_pretrained(tmp_path / "px").codec, IdentityCodec)
+
+
+def test_pipeline_with_a_pretrained_clip_folder_saves_a_pointer(parts, tmp_path):
+    from test_text import make_clip_text_folder
+
+    text = CLIPText(str(make_clip_text_folder(tmp_path / "clip")))
+    pipe = build(text, parts[1])
+    pipe.save_pretrained(tmp_path / "t2i")
+    assert not (tmp_path / "t2i" / "text_encoder" / "model.safetensors").exists()
+    torch.testing.assert_close(TextToImage.from_pretrained(tmp_path / "t2i")(PROMPTS, steps=2), pipe(PROMPTS, steps=2))
+
+
+def test_token_sequence_conditioning_drives_a_uvit(parts, tmp_path):
+    text, codec = parts
+    L = text.context_length
+    cfg = dict(name="uvit-tiny", num_classes=0, text_dim=text.width, text_len=L, in_chans=4, img_size=8,
+               patch_size=2)
+    spec = dict(cfg)
+    torch.manual_seed(0)
+    pipe = TextToImage(create(spec.pop("name"), **spec), text, codec, denoiser_config=cfg, condition="tokens",
+                       prediction="eps", schedule="vp-cosine", sampler="ddim")
+    cond, null = pipe.condition(PROMPTS)
+    assert cond.shape == (2, L, text.width) and null.shape == (2, L, text.width)
+    torch.testing.assert_close(null[1], text.encode([""])[1][0])
+    images = pipe(PROMPTS, steps=3, guidance=2.0)
+    assert images.shape == (2, 3, 32, 32)
+    pipe.save_pretrained(tmp_path / "uvit")
+    torch.testing.assert_close(TextToImage.from_pretrained(tmp_path / "uvit")(PROMPTS, steps=3, guidance=2.0), images)
+
+
+def test_mismatched_parts_and_missing_files_are_clear_errors(parts, tmp_path):
+    text, codec = parts
+    cfg = tiny_denoiser_config(text_dim=8)
+    spec = dict(cfg)
+    with pytest.raises(ValueError, match="text_dim=16"):
+        TextToImage(create(spec.pop("name"), **spec), text, codec, denoiser_config=cfg)
+    with pytest.raises(ValueError, match="'pt' or 'pil'"):
+        build(*parts)(PROMPTS, steps=2, output="numpy")
+    with pytest.raises(FileNotFoundError, match="pipeline.json"):
+        TextToImage.from_pretrained(tmp_path)

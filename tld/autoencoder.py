@@ -1,0 +1,192 @@
+"""Latent codecs behind one interface (lesson 10).
+
+    z = codec.encode(images)     # images [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, h, w]
+    x = codec.decode(z)          # back to [B, 3, H, W] in [-1, 1]
+    codec.scale                  # the factor that gives latents unit variance
+
+Latent diffusion (Rombach et al. 2022, Sec. 3) runs the denoiser on z = scale * E(x), not on x:
+fewer positions to attend over, and the autoencoder, not the diffusion model, spends its effort
+on imperceptible detail. `scale` makes z have roughly unit standard deviation, which the noise
+schedules assume (Stable Diffusion's VAE: 0.18215, from 1/std of its latents; LDM Sec. G).
+
+* ``DiffusersVAE(name_or_path, scale=0.18215)``: a diffusers ``AutoencoderKL`` (for example
+  ``stabilityai/sd-vae-ft-ema``), from disk only, checked.
+* ``train_vae()``: a small ``AutoencoderKL`` trained here on shapes, the offline path.
+* ``IdentityCodec``: pixel space, so the same code trains and samples without an autoencoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ShapesDataset
+
+__all__ = ["IdentityCodec", "DiffusersVAE", "tiny_vae_config", "train_vae", "latent_scale", "psnr",
+           "load_codec"]
+
+
+class IdentityCodec(nn.Module):
+    """Pixel space: encode and decode are the identity, scale 1."""
+
+    scale = 1.0
+    downsample = 1
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        self.latent_channels = channels
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def save_pretrained(self, folder) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({"type": "IdentityCodec", "channels": self.latent_channels}))
+        return folder
+
+
+class DiffusersVAE(nn.Module):
+    """A diffusers AutoencoderKL as a codec. `vae`: a name, a folder, or an AutoencoderKL object.
+
+    encode returns scale * (the posterior mean): deterministic, so a cache of latents is
+    reproducible (pass `sample=True` for a draw from the posterior, as LDM trains with).
+    """
+
+    def __init__(self, vae, scale: float = 0.18215, device="cpu", local_files_only: bool = True):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        if isinstance(vae, (str, os.PathLike)):
+            name = str(vae)
+            if os.path.isdir(name):
+                has_weights = any(os.path.isfile(os.path.join(name, w))
+                                  for w in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
+                missing = [] if os.path.isfile(os.path.join(name, "config.json")) else ["config.json"]
+                missing += [] if has_weights else ["diffusion_pytorch_model.safetensors"]
+                if missing:
+                    raise FileNotFoundError(f"AutoencoderKL folder {name!r} lacks {', '.join(missing)}")
+            try:
+                vae, info = AutoencoderKL.from_pretrained(name, local_files_only=local_files_only,
+                                                          output_loading_info=True)
+            except OSError as e:
+                raise FileNotFoundError(f"AutoencoderKL {name!r} is not on disk ({e.__class__.__name__}); download "
+                                        f"it once with `huggingface-cli download {name}` or pass a folder") from e
+            if info["missing_keys"]:
+                raise ValueError(f"AutoencoderKL weights from {name!r} lack {info['missing_keys'][:5]}")
+            self.name = name
+        else:
+            self.name = None
+        if not isinstance(vae, AutoencoderKL):
+            raise ValueError(f"expected a diffusers AutoencoderKL, a name or a folder, got {type(vae).__name__}")
+        self.vae = vae.to(device).eval()
+        self.scale = float(scale)
+        self.latent_channels = vae.config.latent_channels
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def encode(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != self.vae.config.in_channels:
+            raise ValueError(f"expected images [B, {self.vae.config.in_channels}, H, W] in [-1, 1], "
+                             f"got {tuple(images.shape)}")
+        if images.shape[-1] % self.downsample or images.shape[-2] % self.downsample:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by the VAE's "
+                             f"downsampling factor {self.downsample}")
+        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mean
+        return z * self.scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.vae.device, self.vae.dtype) / self.scale).sample
+
+    def save_pretrained(self, folder) -> Path:
+        """The AutoencoderKL (config.json + diffusion_pytorch_model.safetensors) and tld_codec.json (scale)."""
+        folder = Path(folder)
+        self.vae.save_pretrained(str(folder))
+        (folder / "tld_codec.json").write_text(json.dumps({"type": "DiffusersVAE", "scale": self.scale}) + "\n")
+        return folder
+
+
+def load_codec(folder, device="cpu"):
+    """Whatever a codec's `save_pretrained` wrote into `folder`."""
+    folder = Path(folder)
+    if (folder / "tld_codec.json").is_file():
+        return DiffusersVAE(folder, json.loads((folder / "tld_codec.json").read_text())["scale"], device)
+    cfg = folder / "config.json"
+    if cfg.is_file() and json.loads(cfg.read_text()).get("type") == "IdentityCodec":
+        return IdentityCodec(json.loads(cfg.read_text())["channels"])
+    raise FileNotFoundError(f"no tld codec in {str(folder)!r}: expected tld_codec.json (a VAE) or an "
+                            "IdentityCodec config.json")
+
+
+# --------------------------------------------------------------------------- a small VAE, trained here
+
+def tiny_vae_config(latent_channels: int = 4, widths=(8, 16, 16)) -> dict:
+    """A small AutoencoderKL: len(widths) - 1 halvings (32 px -> 8 px for three widths), no mid attention."""
+    n = len(widths)
+    return dict(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=list(widths),
+                down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                layers_per_block=1, norm_num_groups=min(8, widths[0]), sample_size=32, mid_block_add_attention=False)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB for images in [-1, 1] (peak-to-peak range 2)."""
+    mse = F.mse_loss(a.float().clamp(-1, 1), b.float().clamp(-1, 1)).item()
+    return 10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-12))).item()
+
+
+@torch.no_grad()
+def latent_scale(codec_or_vae, images: torch.Tensor) -> float:
+    """1 / std of the unscaled latents of `images`: the factor that gives the diffusion unit variance."""
+    codec = codec_or_vae if isinstance(codec_or_vae, DiffusersVAE) else DiffusersVAE(codec_or_vae, 1.0)
+    return 1.0 / (codec.encode(images) / codec.scale).std().item()
+
+
+def train_vae(steps: int = 200, batch_size: int = 16, lr: float = 5e-3, kl_weight: float = 1e-6, fg_weight: float = 10.0,
+              image_size: int = 32, seed: int = 0, progress: bool = False, **config) -> DiffusersVAE:
+    """Train a small AutoencoderKL on shapes (seeds 30_000 + seed) and return it as a DiffusersVAE.
+
+    Loss: L1 + MSE on pixels (shape pixels weighted `1 + fg_weight`) plus a tiny KL to N(0, I) (LDM's KL-reg, Rombach et al. 2022 Sec. 3,
+    without its perceptual and GAN terms). Its scale is set from the latents: 1 / std.
+    """
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**tiny_vae_config(**config))
+    # start from a nearly deterministic posterior (std ~ 0.05 instead of ~1): with the KL weight this
+    # small, the variance only ever shrinks, and a short run should be spent on reconstruction, not noise
+    c = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[c:] *= 0.1
+        vae.quant_conv.bias[c:] = -6.0
+    ds = ShapesDataset(size=image_size, seed=30_000 + seed, length=10_000_000)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    t0 = time.perf_counter()
+    vae.train()
+    for step in range(steps):
+        x = ds.batch(torch.randint(len(ds), (batch_size,), generator=gen).tolist())["image"]
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample(gen)).sample
+        # shapes cover ~5% of the pixels: weight them up, or a short run learns a grey blob on the background
+        w = 1 + fg_weight * (x - x[:, :, :1, :1]).abs().amax(1, keepdim=True).clamp(max=0.2) / 0.2
+        err = recon - x
+        loss = (w * (err.abs() + err.pow(2))).mean() / w.mean() + kl_weight * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress and (step % 50 == 0 or step == steps - 1):
+            print(f"step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - t0:.1f}s")
+    vae.eval()
+    probe = ShapesDataset(size=image_size, seed=30_000 + seed, length=256).batch(range(256))["image"]
+    return DiffusersVAE(vae, scale=latent_scale(vae, probe))
