@@ -106,7 +106,8 @@ PRESETS: dict[str, dict] = {
     # x0 prediction learns the shapes far sooner than v on this budget (measured at equal steps, shape
     # accuracy of samples at step 750: x0 0.54, v 0.37; see data/pretrained/shapes-cond/README.md)
     "cpu-demo": dict(model="uvit-course", image_size=32, batch_size=64, max_steps=1000, max_minutes=10,
-                     warmup_steps=50, lr=2e-3, prediction="x0", out_dir="runs/demo", save_every=200),
+                     warmup_steps=50, lr=2e-3, prediction="x0", sample_guidance=3.0, out_dir="runs/demo",
+                     save_every=200),
 }
 
 # GPU recipes: the papers' optimiser, lr, weight decay, betas, EMA, warmup and batch (REFERENCES.md "Recipes").
