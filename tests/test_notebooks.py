@@ -43,8 +43,10 @@ def test_lesson_follows_the_course_conventions(path):
     assert "pip install torch" not in text and "torchvision" not in text
 
 
-def test_papermill_runs_a_lesson_with_a_parameter_override(tmp_path):
+def test_papermill_runs_a_lesson_with_a_parameter_override(tmp_path, monkeypatch):
     papermill = pytest.importorskip("papermill")
+    # the kernel inherits the environment: MPLBACKEND=Agg would stop inline pictures
+    monkeypatch.delenv("MPLBACKEND", raising=False)
     out = tmp_path / "00.ipynb"
     papermill.execute_notebook(str(REPO / "notebooks/00_setup_and_data.ipynb"), str(out),
                                parameters={"size": 16, "seed": 3}, cwd=str(REPO / "notebooks"),
