@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from ..blocks import AdaLNZeroBlock, Block, modulate
 from ..patch import PatchEmbed, check_patchable, sincos_2d, unpatchify
 from . import register
+from .common import check_inputs
 
 
 def dit_timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0,
@@ -133,26 +134,13 @@ class DiT(nn.Module):
     def null_class(self) -> int:
         return self.num_classes
 
-    def _check_inputs(self, x, t, cond):
-        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
-            raise ValueError(f"expected x of shape [B, {self.in_chans}, {self.img_size}, {self.img_size}], "
-                             f"got {tuple(x.shape)}")
-        if t.ndim != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"expected t of shape [{x.shape[0]}] (one time in [0, 1] per image), got {tuple(t.shape)}")
-        if self.num_classes and (cond is None or cond.shape != (x.shape[0],)):
-            raise ValueError(f"this DiT is class-conditional: cond must be [B] integer labels "
-                             f"(null class {self.num_classes}), got {None if cond is None else tuple(cond.shape)}")
-
     def condition(self, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """c = t_embedder(t) + y_embedder(label): the one vector every block is modulated by."""
         c = self.t_embedder(t)
         return c + self.y_embedder(cond) if self.num_classes else c
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        self._check_inputs(x, t, cond)
+        t = check_inputs(self, x, t, cond, "DiT")
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.condition(t, cond).to(tokens.dtype)
         if self.conditioning == "adaln-zero":

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from ..blocks import CrossAttentionBlock
 from ..patch import LearnedPosEmbed, check_patchable, unpatchify
 from . import register
+from .common import check_inputs
 
 
 def noise_embedding(sigma: torch.Tensor, dim: int, min_freq: float = 1.0, max_freq: float = 1000.0) -> torch.Tensor:
@@ -87,9 +88,6 @@ class TLDNet(nn.Module):
         """The 2-token context [noise-level embedding, condition embedding], LayerNorm'd: [B, 2, D]."""
         noise = self.noise_mlp(noise_embedding(t, self.noise_embed_dim).to(dtype))
         if self.num_classes:
-            if cond is None or cond.shape != (batch,):
-                raise ValueError(f"this TLDNet is class-conditional: cond must be [B] integer labels, got "
-                                 f"{None if cond is None else tuple(cond.shape)}")
             label = self.label_embed(cond)
         else:
             if cond is None:
@@ -100,14 +98,7 @@ class TLDNet(nn.Module):
         return self.context_norm(torch.stack([noise, label], dim=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
-            raise ValueError(f"expected x of shape [B, {self.in_chans}, {self.img_size}, {self.img_size}], "
-                             f"got {tuple(x.shape)}")
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"expected t of shape [{x.shape[0]}] (one time in [0, 1] per image), got {tuple(t.shape)}")
+        t = check_inputs(self, x, t, cond, "TLDNet")
         tokens = self.patch_conv(x).flatten(2).transpose(1, 2)
         tokens = self.pos_embed(self.embed_norm(self.patch_proj(self.patch_norm(tokens))))
         ctx = self.context(t, cond, x.shape[0], tokens.dtype)

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..blocks import attention
 from . import register
+from .common import check_inputs
 from .dit import TimestepEmbedder
 
 
@@ -256,17 +257,7 @@ class UDiT(nn.Module):
         return new.eval()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
-            raise ValueError(f"expected x of shape [B, {self.in_chans}, {self.img_size}, {self.img_size}], "
-                             f"got {tuple(x.shape)}")
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"expected t of shape [{x.shape[0]}] (one time in [0, 1] per image), got {tuple(t.shape)}")
-        if self.num_classes and (cond is None or cond.shape != (x.shape[0],)):
-            raise ValueError(f"this U-DiT is class-conditional: cond must be [B] integer labels, got "
-                             f"{None if cond is None else tuple(cond.shape)}")
+        t = check_inputs(self, x, t, cond, "U-DiT")
         c1, c2, c3 = [emb(t) + (self.y_embedders[i](cond) if self.num_classes else 0)
                       for i, emb in enumerate(self.t_embedders)]
         h = self.stem(x)

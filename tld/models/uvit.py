@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..blocks import Block, init_vit_weights, timestep_embedding
 from ..patch import LearnedPosEmbed, PatchEmbed, check_patchable, unpatchify
+from .common import check_inputs
 
 
 class UViT(nn.Module):
@@ -71,23 +72,14 @@ class UViT(nn.Module):
         return self.num_classes
 
     def _check_inputs(self, x, t, cond):
-        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
-            raise ValueError(f"expected x of shape [B, {self.in_chans}, {self.img_size}, {self.img_size}], "
-                             f"got {tuple(x.shape)}")
-        if t.ndim != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"expected t of shape [{x.shape[0]}] (one time in [0, 1] per image), got {tuple(t.shape)}")
-        if self.num_classes and (cond is None or cond.shape != (x.shape[0],)):
-            raise ValueError(f"this U-ViT is class-conditional: cond must be [B] integer labels, got "
-                             f"{None if cond is None else tuple(cond.shape)}")
+        t = check_inputs(self, x, t, cond, "U-ViT")
         if self.text_dim and (cond is None or cond.shape[1:] != (self.text_len, self.text_dim)):
             raise ValueError(f"this U-ViT takes text tokens [B, {self.text_len}, {self.text_dim}], got "
                              f"{None if cond is None else tuple(cond.shape)}")
+        return t
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        self._check_inputs(x, t, cond)
+        t = self._check_inputs(x, t, cond)
         tokens = self.patch_embed(x)
         time_token = self.time_embed(timestep_embedding(t, self.embed_dim).to(tokens.dtype))[:, None]
         if self.num_classes:
