@@ -19,6 +19,7 @@ the same weights), and every rank still draws different noise.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import json
 import math
@@ -494,7 +495,6 @@ def load_model(path, which: str = "ema", device="cpu") -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def sample_grid_labels(num_classes: int, per_class: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
@@ -625,7 +625,7 @@ def train(cfg: TrainConfig, accelerator=None) -> dict:
                 cond[drop_all[sl].to(accelerator.device)] = 0.0  # TLD's null text is the zero vector
             x_t = diffusion.add_noise(x0, eps, t, schedule)
             sync = a == cfg.grad_accum - 1
-            ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
+            ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
                 pred = model(x_t, t, cond)
                 loss = diffusion.loss(pred, x0, eps, t, schedule, cfg.prediction).mean() / cfg.grad_accum
@@ -681,14 +681,6 @@ def _forget_other_precision(mixed_precision: str) -> None:
     if shared and shared.get("_mixed_precision", mixed_precision) != mixed_precision \
             and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _should_stop(accelerator, local: bool) -> bool:
