@@ -195,10 +195,15 @@ def dit_pair(size: int = 16, width: int = 384, depth: int = 6, heads: int = 6, p
     return ours, theirs
 
 
-def make_step(model, who: str, batch: int, device, amp_dtype=None):
-    """One optimiser step (forward, MSE loss, backward, AdamW) as a closure; returns (step, loss_fn)."""
+def make_step(model, who: str, batch: int, device, amp_dtype=None, compile: bool = False):
+    """One optimiser step (forward, MSE loss, backward, AdamW) as a closure; returns (step, loss_fn).
+
+    ``compile=True`` runs the forward through ``torch.compile`` (the model's weights are shared).
+    Both models get the same optimiser: fused AdamW on a GPU, as tld's trainer uses there.
+    """
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    forward = torch.compile(model) if compile else model
     g = torch.Generator().manual_seed(0)
     c = getattr(model, "in_chans", None) or model.config.in_channels
     size = getattr(model, "img_size", None) or model.config.sample_size
@@ -210,9 +215,9 @@ def make_step(model, who: str, batch: int, device, amp_dtype=None):
     def loss_fn():
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if who == "tld":
-                out = model(x, t, y)
+                out = forward(x, t, y)
             else:  # diffusers' DiT embeds the integer timestep 0..999, as the DiT reference does
-                out = model(x, timestep=(t * 999).long(), class_labels=y, return_dict=False)[0]
+                out = forward(x, timestep=(t * 999).long(), class_labels=y, return_dict=False)[0]
         return (out.float() - target).pow(2).mean()
 
     def step():
@@ -327,20 +332,27 @@ def bench_train(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
     p.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
     p.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (GPU)")
+    p.add_argument("--tf32", action="store_true", help="fp32 matmuls on TF32 tensor cores (Ampere and newer)")
+    p.add_argument("--compile", action="store_true", help="time both models under torch.compile (inductor)")
     p.add_argument("--uvit", default="uvit-course", help="U-ViT preset for the checkpointing measurement")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     amp = torch.bfloat16 if args.bf16 else None
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ours, theirs = dit_pair(args.size, args.width, args.depth, args.heads)
     n_ours = sum(p.numel() for p in ours.parameters())
     n_theirs = sum(p.numel() for p in theirs.parameters())
     steps, losses = {}, {}
     for who, model in (("tld", ours), ("diffusers", theirs)):
         steps[who], losses[who] = make_step(model, who, args.batch, device, amp)
+        if args.compile:  # FLOPs and saved activations are counted eagerly; the timed steps are compiled
+            steps[who], _ = make_step(model, who, args.batch, device, amp, compile=True)
     where = (torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)")
-    print(f"DiT training step, {where}, {'bf16 autocast' if amp else 'fp32'}: latents {args.size}x{args.size}x4, "
+    print(f"DiT training step, {where}, {'bf16 autocast' if amp else 'tf32' if args.tf32 else 'fp32'}"
+          f"{', torch.compile' if args.compile else ', eager'}: latents {args.size}x{args.size}x4, "
           f"patch 2, width {args.width}, depth {args.depth}, heads {args.heads}, batch {args.batch}, AdamW")
     print(f"parameters: tld {n_ours:,}  diffusers {n_theirs:,}")
     flops = {who: step_flops(losses[who]) for who in steps}
@@ -358,7 +370,7 @@ def bench_train(argv=None) -> dict:
         rows[who] = dict(steps_per_s=1 / sec[who], act_bytes=act[who], state_bytes=state, flops=flops[who],
                          gflops_per_s=rate, peak_bytes=peak[who] if peak else None)
         print(f"{who:10s} {1 / sec[who]:8.2f} {1e3 * sec[who]:8.1f} {act[who] / 2**20:8.1f} {state / 2**20:9.1f} "
-              f"{peak[who] / 2**20 if peak else '':>8} {flops[who] / 1e9:11.2f} {rate:8.1f} {rate / mm:8.0%}")
+              f"{f'{peak[who] / 2**20:.1f}' if peak else '':>8} {flops[who] / 1e9:11.2f} {rate:8.1f} {rate / mm:8.0%}")
     speed = sec["diffusers"] / sec["tld"]
     mem = (peak["tld"] / peak["diffusers"]) if peak else act["tld"] / act["diffusers"]
     print(f"tld / diffusers: {speed:.2f}x the steps/s, {mem:.2f}x the "

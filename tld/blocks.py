@@ -20,11 +20,14 @@ ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 
 
 def xformers_available() -> bool:
+    """True when xformers imports *and* its compiled kernels loaded (a wheel built for another torch
+    imports fine but has no kernels: it then says "xFormers can't load C++/CUDA extensions")."""
     try:
+        import xformers
         import xformers.ops  # noqa: F401
     except Exception:
         return False
-    return True
+    return bool(getattr(xformers, "_has_cpp_library", True))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",

@@ -388,8 +388,14 @@ def rank_randomness(cfg: TrainConfig, step: int, shape: tuple, num_classes: int,
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm.detach().to(pe.dtype), 1 - decay)
+    pe, pm = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    if len(pe) != len(pm):
+        raise ValueError(f"ema has {len(pe)} parameter tensors, the model {len(pm)}: not the same architecture")
+    if all(a.dtype == b.dtype and a.device == b.device for a, b in zip(pe, pm)):
+        torch._foreach_lerp_(pe, pm, 1 - decay)  # one fused launch per group instead of one per tensor
+    else:
+        for a, b in zip(pe, pm):
+            a.lerp_(b.to(a.device, a.dtype), 1 - decay)
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
 
@@ -557,8 +563,9 @@ def train(cfg: TrainConfig, accelerator=None) -> dict:
     ema = create(cfg.model, **model_kw)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False).eval()
+    # the fused kernel updates every tensor in one launch on a GPU (same update, fp32 rounding apart)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=accelerator.device.type == "cuda")
 
     start_step = 0
     if cfg.resume:
@@ -585,7 +592,8 @@ def train(cfg: TrainConfig, accelerator=None) -> dict:
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
+    # the plain module (not the torch.compile wrapper), so checkpoints and the EMA see the usual names
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
 
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world, cfg.grad_accum,
                                start_step, cfg.max_steps)
