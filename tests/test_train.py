@@ -81,12 +81,16 @@ def test_smoke_run_writes_checkpoint_samples_and_log(tmp_path):
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
+# a GPU sums some gradients with atomics: bit-identical reruns there need deterministic=true
+DET = ("deterministic=true",) if torch.cuda.is_available() else ()
+
+
 def test_resume_is_bit_identical(tmp_path):
     """N steps straight == N/2 steps, stop, resume, N/2 more: same weights, EMA and optimizer."""
-    T.train(smoke(tmp_path, "straight"))
-    T.train(smoke(tmp_path, "resumed", "stop_at=10"))
+    T.train(smoke(tmp_path, "straight", *DET))
+    T.train(smoke(tmp_path, "resumed", "stop_at=10", *DET))
     assert json.loads((tmp_path / "resumed/checkpoints/latest.json").read_text())["step"] == 10
-    T.train(smoke(tmp_path, "resumed", "resume=true"))
+    T.train(smoke(tmp_path, "resumed", "resume=true", *DET))
     for which in ("model", "ema"):
         assert_same_weights(weights(tmp_path / "straight", 20, which), weights(tmp_path / "resumed", 20, which))
     log_a = (tmp_path / "straight/log.jsonl").read_text().splitlines()
@@ -101,10 +105,16 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
         T.train(smoke(tmp_path, "run", "resume=true", "model.embed_dim=64"))
 
 
+def test_deterministic_switch_is_restored_after_the_run(tmp_path):
+    assert not torch.are_deterministic_algorithms_enabled()
+    T.train(smoke(tmp_path, "a", "max_steps=2", "deterministic=true"))
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_same_seed_same_weights_other_seed_differs(tmp_path):
-    T.train(smoke(tmp_path, "a", "max_steps=5"))
-    T.train(smoke(tmp_path, "b", "max_steps=5"))
-    T.train(smoke(tmp_path, "c", "max_steps=5", "seed=1"))
+    T.train(smoke(tmp_path, "a", "max_steps=5", *DET))
+    T.train(smoke(tmp_path, "b", "max_steps=5", *DET))
+    T.train(smoke(tmp_path, "c", "max_steps=5", "seed=1", *DET))
     assert_same_weights(weights(tmp_path / "a", 5), weights(tmp_path / "b", 5))
     a, c = weights(tmp_path / "a", 5), weights(tmp_path / "c", 5)
     assert any(not torch.equal(a[k], c[k]) for k in a)

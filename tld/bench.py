@@ -3,6 +3,7 @@
     python -m tld.bench samplers     # accuracy vs the exact ODE solution, and per-step overhead
     python -m tld.bench spacing      # DPM-Solver++(2M) error for each step spacing (the default's evidence)
     python -m tld.bench train        # training steps/s and memory: tld's DiT vs diffusers' DiTTransformer2DModel
+    python -m tld.bench data         # Shapes rendering rate, against what a training step consumes
 
 Each subcommand is a function in ``COMMANDS``; add one (e.g. ``train``) by writing ``bench_train(argv)``
 and registering it there.
@@ -384,7 +385,61 @@ def bench_train(argv=None) -> dict:
     return {"rows": rows, "speed_ratio": speed, "memory_ratio": mem, "matmul_gflops": mm, "checkpointing": ck}
 
 
-COMMANDS = {"samplers": bench_samplers, "spacing": bench_spacing, "train": bench_train}
+def render_vs_step(preset: str = "uvit-course", size: int = 32, batch: int = 64, repeats: int = 5) -> dict:
+    """Seconds to render one batch of Shapes images against one training step on it, alternated.
+
+    The ratio is what matters: under any load both slow down alike, and a ratio far below 1 means the
+    renderer never makes training wait.
+    """
+    from .data import ShapesDataset
+    from .models import create
+
+    ds = ShapesDataset(size=size, length=batch * (repeats + 2))
+    torch.manual_seed(0)
+    model = create(preset, img_size=size).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, t = torch.randn(batch, 3, size, size), torch.rand(batch)
+    y = torch.randint(0, max(model.num_classes, 1), (batch,)) if model.num_classes else None
+
+    def render(r):
+        for i in range(batch):
+            ds[r * batch + i]
+
+    def step(_):
+        model(x, t, y).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    render(0), step(0)  # warm-up
+    times = {"render": [], "step": []}
+    for r in range(1, repeats + 1):
+        for who, fn in (("render", render), ("step", step)):
+            t0 = time.perf_counter()
+            fn(r)
+            times[who].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"preset": preset, "size": size, "batch": batch, "render_s": med["render"], "step_s": med["step"],
+            "images_per_s": batch / med["render"], "ratio": med["render"] / med["step"]}
+
+
+def bench_data(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m tld.bench data")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the training step")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    r = render_vs_step(size=args.size, batch=args.batch, repeats=args.repeats)
+    print(f"Shapes {r['size']}x{r['size']}, batch {r['batch']}, one process, {args.threads} torch thread(s); "
+          f"medians of {args.repeats} alternating repeats")
+    print(f"render one batch:            {1e3 * r['render_s']:8.1f} ms  ({r['images_per_s']:,.0f} images/s)")
+    print(f"one {r['preset']} training step: {1e3 * r['step_s']:8.1f} ms")
+    print(f"rendering / training step:   {r['ratio']:8.3f}  (below 1: the data never makes training wait)")
+    return r
+
+
+COMMANDS = {"samplers": bench_samplers, "spacing": bench_spacing, "train": bench_train, "data": bench_data}
 
 
 def main(argv=None) -> None:

@@ -83,6 +83,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     attn_backend: str = "sdpa"
     compile: bool = False
+    # GPUs sum some gradients with atomics, so two identical runs differ in the last bits; this picks
+    # deterministic kernels only (slower), for bit-identical reruns and resumes on a GPU. A CPU is already.
+    deterministic: bool = False
     threads: int = 0  # torch.set_num_threads (0: leave torch's default)
     num_workers: int = 0
     # output
@@ -536,6 +539,21 @@ class NonFiniteLoss(RuntimeError):
 
 def train(cfg: TrainConfig, accelerator=None) -> dict:
     """Run (or resume) training. Returns a summary dict (steps, seconds, final loss, out_dir)."""
+    if not cfg.deterministic:
+        return _train(cfg, accelerator)
+    # cuBLAS is deterministic only with a fixed workspace; set before its first use in this process
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        return _train(cfg, accelerator)
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+
+
+def _train(cfg: TrainConfig, accelerator=None) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
