@@ -209,3 +209,35 @@ def test_two_processes_match_one_process(tmp_path):
     # only the main process writes: one log line per log_every, one sample grid
     steps = [json.loads(x)["step"] for x in (tmp_path / "two/log.jsonl").read_text().splitlines()]
     assert steps == [5, 10]
+
+
+def test_text_conditioning_on_shapes_trains_its_encoders_caches_and_saves_a_pipeline(tmp_path):
+    from tld.pipeline import TextToImage
+
+    args = ("conditioning=text", "text_encoder=tinyclip", "encoder_steps=5", "codec=tiny-vae", "vae_steps=5",
+            "cache_items=64", "max_steps=3", "sample_steps=2")
+    summary = T.train(smoke(tmp_path, "t2i", *args))
+    run = tmp_path / "t2i"
+    assert summary["steps"] == 3
+    assert (run / "text_encoder" / "config.json").is_file() and (run / "codec").is_dir()
+    caches = [p for p in (run / "cache").iterdir() if (p / "meta.json").is_file()]
+    assert len(caches) == 1
+    pipe = TextToImage.from_pretrained(run / "pipeline")
+    assert pipe.config["null"] == "zero" and pipe.config["condition"] == "pooled"
+    assert pipe.denoiser.img_size == 8 and pipe.denoiser.in_chans == 4  # 16 px images -> 8 x 8 x 4 latents
+    images = pipe(["a red circle at the top left"], steps=2)
+    assert images.shape == (1, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+    # a resumed run reuses the saved encoders and the cache instead of training or encoding again
+    stamp = (run / "text_encoder" / "config.json").stat().st_mtime_ns
+    T.train(smoke(tmp_path, "t2i", *args, "resume=true", "max_steps=4"))
+    assert (run / "text_encoder" / "config.json").stat().st_mtime_ns == stamp
+    assert len([p for p in (run / "cache").iterdir() if (p / "meta.json").is_file()]) == 1
+
+
+def test_text_conditioning_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(ValueError, match="needs text_encoder=tinyclip"):
+        T.train(smoke(tmp_path, "a", "conditioning=text"))
+    with pytest.raises(ValueError, match="used with conditioning=text"):
+        T.train(smoke(tmp_path, "b", "text_encoder=tinyclip"))
+    with pytest.raises(FileNotFoundError, match="text_encoder='/nowhere'"):
+        T.train(smoke(tmp_path, "c", "conditioning=text", "text_encoder=/nowhere"))

@@ -57,7 +57,18 @@ class TrainConfig:
     data_root: str = ""
     image_size: int = 32
     dataset_length: int = 1_000_000  # procedural datasets: how many distinct images
-    conditioning: str = "class"  # class | none | text (pooled text embeddings of a tensors dataset)
+    conditioning: str = "class"  # class | none | text (pooled text: a tensors file's, or text_encoder's)
+    # conditioning=text on captioned data (shapes, folder): the text encoder is "tinyclip" (trained here
+    # first, saved in out_dir/text_encoder) or a saved encoder's folder; the codec is "" (pixels),
+    # "tiny-vae" (trained here first, saved in out_dir/codec) or a saved codec's folder. Both run once
+    # over the first cache_items items into cache_dir (default out_dir/cache), which training then reads,
+    # and the run ends by saving a TextToImage pipeline in out_dir/pipeline.
+    text_encoder: str = ""
+    codec: str = ""
+    cache_dir: str = ""
+    cache_items: int = 20_000
+    encoder_steps: int = 300  # TinyCLIP training steps (text_encoder=tinyclip)
+    vae_steps: int = 800  # small VAE training steps (codec=tiny-vae)
     class_dropout: float = 0.1  # classifier-free guidance: labels replaced by the null class
     # diffusion
     schedule: str = "vp-cosine"
@@ -112,6 +123,14 @@ PRESETS: dict[str, dict] = {
     "cpu-demo": dict(model="uvit-course", image_size=32, batch_size=64, max_steps=1000, max_minutes=10,
                      warmup_steps=50, lr=2e-3, prediction="x0", sample_guidance=3.0, out_dir="runs/demo",
                      save_every=200),
+    # the course's text-to-image model (data/pretrained/shapes-t2i): TinyCLIP's pooled caption embedding
+    # as U-ViT's context token, diffusing 16x16x4 latents of a small VAE (PSNR 38 dB on shapes); the
+    # recipe of cpu-demo otherwise. Trains its encoders first (~5 min), then ~70 min on one CPU thread.
+    "shapes-t2i": dict(model="uvit-course", model_overrides={"patch_size": 2}, dataset="shapes", image_size=32,
+                       conditioning="text", text_encoder="tinyclip", codec="tiny-vae", cache_items=20_000,
+                       batch_size=64, max_steps=4000, warmup_steps=50, lr=2e-3, prediction="x0",
+                       class_dropout=0.1, sample_guidance=3.0, sample_steps=20, sample_sampler="dpm++2m",
+                       save_every=250, keep_checkpoints=20, out_dir="runs/shapes-t2i"),
 }
 
 # GPU recipes: the papers' optimiser, lr, weight decay, betas, EMA, warmup and batch (REFERENCES.md "Recipes").
@@ -247,8 +266,17 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.dataset == "folder" and not cfg.data_root:
         raise ValueError("dataset=folder needs data_root=<folder with images and captions.jsonl/csv>")
-    if cfg.conditioning == "text" and cfg.dataset != "tensors":
-        raise ValueError(f"conditioning=text needs dataset=tensors (a file with a 'text' tensor), got {cfg.dataset!r}")
+    if cfg.conditioning == "text" and cfg.dataset not in ("tensors", "shapes", "folder"):
+        raise ValueError(f"conditioning=text needs captions (dataset=shapes or folder) or a tensors file with a "
+                         f"'text' tensor, got dataset={cfg.dataset!r}")
+    if cfg.conditioning == "text" and cfg.dataset != "tensors" and not cfg.text_encoder:
+        raise ValueError(f"conditioning=text on dataset={cfg.dataset} needs text_encoder=tinyclip (trained "
+                         f"here) or text_encoder=<a saved text encoder's folder>")
+    if (cfg.text_encoder or cfg.codec) and not (cfg.conditioning == "text" and cfg.dataset != "tensors"):
+        raise ValueError(f"text_encoder and codec are used with conditioning=text on captioned data; got "
+                         f"conditioning={cfg.conditioning!r}, dataset={cfg.dataset!r}")
+    if cfg.cache_items < 1:
+        raise ValueError(f"cache_items must be >= 1, got {cfg.cache_items}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +294,64 @@ def build_dataset(cfg: TrainConfig):
     if cfg.dataset == "tensors":
         return TensorFileDataset(cfg.data_root, cfg.image_size, cfg.conditioning)
     return data.CaptionedImageFolder(cfg.data_root, size=cfg.image_size)
+
+
+def prepare_text_encoders(cfg: TrainConfig, accelerator, out_dir: Path):
+    """(text encoder, codec or None) for conditioning=text on captioned data; trained here when asked.
+
+    The main process trains and saves them first; the others (and a resumed run) load the saved folders.
+    """
+    from .autoencoder import load_codec, train_vae
+    from .text import load_text_encoder, train_tiny_clip
+
+    def get(spec, name, make):
+        if spec not in ("tinyclip", "tiny-vae"):
+            if not Path(spec).exists():
+                raise FileNotFoundError(f"{name}={spec!r}: no such folder (expected a saved {name}, or "
+                                        f"{'tinyclip' if name == 'text_encoder' else 'tiny-vae'} to train one)")
+            return spec
+        folder = out_dir / name
+        if not (folder / "config.json").is_file() and not (folder / "tld_codec.json").is_file():
+            if accelerator.is_main_process:
+                print(f"training the {name} ({spec}) first; it is saved in {folder}")
+                make().save_pretrained(folder)
+        return folder
+
+    with accelerator.main_process_first():
+        enc = get(cfg.text_encoder, "text_encoder",
+                  lambda: train_tiny_clip(steps=cfg.encoder_steps, seed=cfg.seed, image_size=cfg.image_size))
+        codec = get(cfg.codec, "codec",
+                    lambda: train_vae(steps=cfg.vae_steps, batch_size=32, widths=(16, 32), seed=cfg.seed,
+                                      image_size=cfg.image_size)) if cfg.codec else None
+    return load_text_encoder(enc), (load_codec(codec) if codec else None)
+
+
+class TextCached(torch.utils.data.Dataset):
+    """A `tld.cache` folder as the loop reads it: {'image': latent, 'text': pooled embedding}."""
+
+    def __init__(self, folder):
+        from .cache import CachedDataset
+
+        self.cache = CachedDataset(folder)
+
+    def __len__(self):
+        return len(self.cache)
+
+    def __getitem__(self, i):
+        item = self.cache[i]
+        return {"image": item["image"], "text": item["pooled"]}
+
+
+def cache_text_dataset(cfg: TrainConfig, accelerator, dataset, text_encoder, codec, out_dir: Path):
+    from .cache import build_cache
+
+    n = min(cfg.cache_items, len(dataset))
+    root = Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "cache"
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and cfg.progress:
+            print(f"encoding {n} images and captions once into {root}")
+        folder = build_cache(dataset, root, codec=codec, text_encoder=text_encoder, n=n, batch_size=256)
+    return TextCached(folder)
 
 
 class TensorFileDataset(torch.utils.data.Dataset):
@@ -420,11 +506,15 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 def model_kwargs(cfg: TrainConfig, dataset) -> dict:
     """What the model is built with: the preset, the data's shape and classes, and overrides."""
     item = dataset[0]
-    kw = dict(img_size=cfg.image_size, in_chans=int(item["image"].shape[0]),
+    kw = dict(img_size=int(item["image"].shape[-1]), in_chans=int(item["image"].shape[0]),
               num_classes=getattr(dataset, "num_classes", 0) if cfg.conditioning == "class" else 0,
               attn_backend=cfg.attn_backend)
     if cfg.conditioning == "text":
         kw["text_dim"] = int(item["text"].shape[-1])
+        from .models import PRESETS
+
+        if cfg.model in PRESETS and PRESETS[cfg.model].builder.startswith("uvit:"):
+            kw["text_len"] = 1  # U-ViT reads the pooled vector as one context token
     return {**kw, **cfg.model_overrides}
 
 
@@ -573,6 +663,10 @@ def _train(cfg: TrainConfig, accelerator=None) -> dict:
     dataset = build_dataset(cfg)
     num_classes = getattr(dataset, "num_classes", 0) if cfg.conditioning == "class" else 0
     text = cfg.conditioning == "text"
+    text_encoder = codec = None
+    if text and cfg.dataset != "tensors":
+        text_encoder, codec = prepare_text_encoders(cfg, accelerator, out_dir)
+        dataset = cache_text_dataset(cfg, accelerator, dataset, text_encoder, codec, out_dir)
     schedule = diffusion.get_schedule(cfg.schedule)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model_kw = model_kwargs(cfg, dataset)
@@ -681,12 +775,16 @@ def _train(cfg: TrainConfig, accelerator=None) -> dict:
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             _save(accelerator, out_dir, step, raw_model, ema, optimizer, cfg, model_kw)
         if main and cfg.sample_every and step % cfg.sample_every == 0:
-            save_samples(ema, cfg, num_classes, out_dir / "samples" / f"step_{step:07d}.png", dataset=dataset)
+            save_samples(ema, cfg, num_classes, out_dir / "samples" / f"step_{step:07d}.png", dataset=dataset,
+                         codec=codec)
     bar.close()
     seconds = time.perf_counter() - t_start
     _save(accelerator, out_dir, step, raw_model, ema, optimizer, cfg, model_kw)
     if main:
-        save_samples(ema, cfg, num_classes, out_dir / "samples" / f"step_{step:07d}.png", dataset=dataset)
+        save_samples(ema, cfg, num_classes, out_dir / "samples" / f"step_{step:07d}.png", dataset=dataset,
+                     codec=codec)
+        if text_encoder is not None:
+            save_pipeline(cfg, ema, text_encoder, codec, model_kw, out_dir / "pipeline")
     steps_done = step - start_step
     summary = {"steps": step, "steps_this_run": steps_done, "seconds": seconds,
                "steps_per_second": steps_done / seconds if seconds > 0 else float("nan"),
@@ -726,8 +824,23 @@ def _save(accelerator, out_dir, step, model, ema, optimizer, cfg, model_kw):
     accelerator.wait_for_everyone()
 
 
+def save_pipeline(cfg: TrainConfig, ema: nn.Module, text_encoder, codec, model_kw: dict, folder: Path) -> Path:
+    """The EMA denoiser with its text encoder and codec as one TextToImage folder (tld.pipeline)."""
+    import copy
+
+    from .autoencoder import IdentityCodec
+    from .pipeline import TextToImage
+
+    denoiser = copy.deepcopy(ema).cpu()
+    pipe = TextToImage(denoiser, text_encoder, codec if codec is not None else IdentityCodec(denoiser.in_chans),
+                       denoiser_config={"name": cfg.model, **model_kw}, schedule=cfg.schedule,
+                       prediction=cfg.prediction, sampler=cfg.sample_sampler, null="zero",
+                       guidance=cfg.sample_guidance, condition="pooled")
+    return pipe.save_pretrained(folder)
+
+
 def save_samples(ema: nn.Module, cfg: TrainConfig, num_classes: int, path: Path, per_class: int = 2,
-                 dataset=None) -> Path:
+                 dataset=None, codec=None) -> Path:
     from .viz import image_grid
 
     if cfg.conditioning == "text":
@@ -736,7 +849,10 @@ def save_samples(ema: nn.Module, cfg: TrainConfig, num_classes: int, path: Path,
         labels = sample_grid_labels(num_classes, per_class) if num_classes else None
         images = generate(ema, cfg, labels, n=16, steps=cfg.sample_steps, sampler=cfg.sample_sampler,
                           guidance=cfg.sample_guidance, seed=cfg.seed)
-    if images.shape[1] != 3:  # latents: show the first three channels (decode with the VAE for pictures)
+    if codec is not None:  # latents -> pixels
+        with torch.no_grad():
+            images = codec.decode(images.to(next(codec.parameters()).device)).clamp(-1, 1)
+    if images.shape[1] != 3:  # latents without their codec: show the first three channels
         images = images[:, :3]
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid((images.cpu() + 1) / 2, nrow=2 * per_class if num_classes else 4, scale=2).save(path)

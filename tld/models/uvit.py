@@ -73,13 +73,16 @@ class UViT(nn.Module):
 
     def _check_inputs(self, x, t, cond):
         t = check_inputs(self, x, t, cond, "U-ViT")
+        if self.text_dim and self.text_len == 1 and cond is not None and cond.ndim == 2:
+            cond = cond[:, None]  # a pooled text vector [B, D] is one context token
         if self.text_dim and (cond is None or cond.shape[1:] != (self.text_len, self.text_dim)):
-            raise ValueError(f"this U-ViT takes text tokens [B, {self.text_len}, {self.text_dim}], got "
+            raise ValueError(f"this U-ViT takes text tokens [B, {self.text_len}, {self.text_dim}]"
+                             f"{f' or pooled text [B, {self.text_dim}]' if self.text_len == 1 else ''}, got "
                              f"{None if cond is None else tuple(cond.shape)}")
-        return t
+        return t, cond
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        t = self._check_inputs(x, t, cond)
+        t, cond = self._check_inputs(x, t, cond)
         tokens = self.patch_embed(x)
         time_token = self.time_embed(timestep_embedding(t, self.embed_dim).to(tokens.dtype))[:, None]
         if self.num_classes:
