@@ -118,3 +118,41 @@ def test_mismatched_parts_and_missing_files_are_clear_errors(parts, tmp_path):
         build(*parts)(PROMPTS, steps=2, output="numpy")
     with pytest.raises(FileNotFoundError, match="pipeline.json"):
         TextToImage.from_pretrained(tmp_path)
+
+
+# --- a pipeline from a text training run --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    from tld import train as T
+
+    run = tmp_path_factory.mktemp("t2i") / "run"
+    T.train(T.config_from_args(["preset=smoke", f"out_dir={run}", "progress=false", "conditioning=text",
+                                "text_encoder=tinyclip", "encoder_steps=5", "codec=tiny-vae", "vae_steps=5",
+                                "cache_items=64", "max_steps=4", "save_every=2", "keep_checkpoints=5", "log_every=1",
+                                "sample_steps=2"]))
+    return run
+
+
+def test_from_run_at_the_last_step_is_the_saved_pipeline(text_run):
+    a = TextToImage.from_run(text_run)
+    b = TextToImage.from_pretrained(text_run / "pipeline")
+    prompts = ["a red circle at the top left", "a blue square"]
+    torch.testing.assert_close(a(prompts, steps=3, seed=1), b(prompts, steps=3, seed=1))
+    early = TextToImage.from_run(text_run, step=2)
+    assert not torch.equal(early.denoiser.state_dict()["context_embed.weight"],
+                           a.denoiser.state_dict()["context_embed.weight"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint for step 3.*step_0000002"):
+        TextToImage.from_run(text_run, step=3)
+
+
+def test_pipeline_cli_draws_prompts_and_scores_every_checkpoint(text_run, tmp_path):
+    from tld.pipeline import main
+
+    out = tmp_path / "grid.png"
+    assert main([str(text_run / "pipeline"), "a red circle", "a green square", "--steps", "2", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main([str(text_run), "--adherence", "--n", "8", "--steps", "2"]) == 0
+    rows = json.loads((text_run / "adherence.json").read_text())
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(0 <= r["all"] <= r["shape"] <= 1 and r["minutes"] is not None for r in rows)

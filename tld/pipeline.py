@@ -30,7 +30,7 @@ from .models import create
 from .samplers import sample
 from .text import load_text_encoder, null_embedding
 
-__all__ = ["TextToImage"]
+__all__ = ["TextToImage", "adherence_over_training", "main"]
 
 
 class TextToImage(nn.Module):
@@ -132,3 +132,111 @@ class TextToImage(nn.Module):
                              f"missing {missing_k[:5]}, unexpected {unexpected[:5]}")
         return cls(denoiser.to(device), load_text_encoder(folder / "text_encoder", device),
                    load_codec(folder / "codec", device), denoiser_config=denoiser_config, **config)
+
+    @classmethod
+    def from_run(cls, run_dir, step: int | None = None, which: str = "ema", device="cpu") -> TextToImage:
+        """The pipeline of a `python -m tld.train conditioning=text ...` run at one of its checkpoints.
+
+        ``step=None`` takes the latest; ``which`` is "ema" (what samples should come from) or "model".
+        """
+        from safetensors.torch import load_file
+
+        from .autoencoder import IdentityCodec
+        from .train import latest_checkpoint
+
+        run_dir = Path(run_dir)
+        if which not in ("ema", "model"):
+            raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+        if not (run_dir / "config.json").is_file() or not (run_dir / "text_encoder").is_dir():
+            raise FileNotFoundError(f"{str(run_dir)!r} is not a text-conditioned training run (config.json and "
+                                    f"text_encoder/ are expected)")
+        cfg = json.loads((run_dir / "config.json").read_text())
+        tc, kw = cfg["train_config"], cfg["model_kwargs"]
+        ckpt = latest_checkpoint(run_dir) if step is None else run_dir / "checkpoints" / f"step_{step:07d}"
+        if ckpt is None or not ckpt.is_dir():
+            have = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").is_dir() else []
+            raise FileNotFoundError(f"no checkpoint {'yet' if step is None else f'for step {step}'} in {run_dir}; "
+                                    f"found {have or 'none'}")
+        denoiser = create(tc["model"], **kw)
+        denoiser.load_state_dict(load_file(str(ckpt / f"{which}.safetensors")))
+        codec = load_codec(run_dir / "codec", device) if (run_dir / "codec").is_dir() else IdentityCodec(denoiser.in_chans)
+        return cls(denoiser.to(device), load_text_encoder(run_dir / "text_encoder", device), codec,
+                   denoiser_config={"name": tc["model"], **kw}, schedule=tc["schedule"], prediction=tc["prediction"],
+                   sampler=tc["sample_sampler"], null="zero", guidance=tc["sample_guidance"], condition="pooled")
+
+
+def held_out_captions(n: int = 256, size: int = 32, seed: int = 777) -> list[str]:
+    """Captions of shapes renders no tld training run uses (runs draw seeds 0.., 20_000.., 30_000..)."""
+    from .data import ShapesDataset
+
+    return ShapesDataset(size=size, seed=seed, length=n).batch(range(n))["caption"]
+
+
+@torch.no_grad()
+def measure_adherence(pipe: TextToImage, n: int = 256, steps: int = 20, guidance: float | None = None,
+                      batch: int = 64) -> dict:
+    """shapes_adherence of `pipe` on n held-out captions (color, shape, position, all three)."""
+    from .evaluate import shapes_adherence
+
+    captions = held_out_captions(n, size=pipe.denoiser.img_size * getattr(pipe.codec, "downsample", 1))
+    images = torch.cat([pipe(captions[i:i + batch], steps=steps, guidance=guidance, seed=i)
+                        for i in range(0, n, batch)])
+    return {k: float(v) for k, v in shapes_adherence(images, captions).items()}
+
+
+def adherence_over_training(run_dir, n: int = 256, steps: int = 20, guidance: float | None = None,
+                            progress: bool = True) -> list[dict]:
+    """Adherence of every saved checkpoint of a text run, with the training minutes it took to reach it."""
+    run_dir = Path(run_dir)
+    log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()] if (run_dir / "log.jsonl").is_file() else []
+    seconds = {r["step"]: r["seconds"] for r in log}
+    rows = []
+    for ckpt in sorted((run_dir / "checkpoints").glob("step_*")):
+        step = int(ckpt.name.split("_")[1])
+        pipe = TextToImage.from_run(run_dir, step)
+        row = {"step": step, "minutes": round(seconds[step] / 60, 1) if step in seconds else None,
+               **{k: round(v, 3) for k, v in measure_adherence(pipe, n, steps, guidance).items()}}
+        rows.append(row)
+        if progress:
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    """python -m tld.pipeline PATH "a prompt" ... [--out grid.png]   |   python -m tld.pipeline PATH --adherence"""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tld.pipeline",
+                                description="Generate from a TextToImage folder (or a text training run), or "
+                                            "measure its prompt adherence on held-out shapes captions.")
+    p.add_argument("path", help="a pipeline folder (pipeline.json) or a text-conditioned training run")
+    p.add_argument("prompts", nargs="*", help="prompts to draw")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png", help="where the grid of prompts goes")
+    p.add_argument("--adherence", action="store_true", help="score n held-out captions (every checkpoint of a run)")
+    p.add_argument("--n", type=int, default=256)
+    args = p.parse_args(argv)
+    path = Path(args.path)
+    is_pipeline = (path / "pipeline.json").is_file()
+    if args.adherence:
+        if is_pipeline:
+            print(json.dumps(measure_adherence(TextToImage.from_pretrained(path), args.n, args.steps, args.guidance)))
+        else:
+            rows = adherence_over_training(path, args.n, args.steps, args.guidance)
+            (path / "adherence.json").write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
+    if not args.prompts:
+        p.error("give one or more prompts, or --adherence")
+    from .viz import image_grid
+
+    pipe = TextToImage.from_pretrained(path) if is_pipeline else TextToImage.from_run(path)
+    images = pipe(args.prompts, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    image_grid(images, nrow=min(len(images), 8), scale=4).save(args.out)
+    print(f"{len(images)} images -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
