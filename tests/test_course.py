@@ -108,6 +108,17 @@ def _wrong_sincos(dim, grid):  # x and y halves swapped
     return torch.cat([e[:, dim // 2:], e[:, : dim // 2]], 1)
 
 
+def _swapped_ema(ema, model, decay):  # the weights of the average and of the model swapped
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.mul_(1 - decay).add_(p, alpha=decay)
+
+
+def _loss_without_dropout(model, x0, labels, t, eps, drop, schedule):  # forgets the null class
+    a, s = schedule.alpha(t)[:, None, None, None], schedule.sigma(t)[:, None, None, None]
+    return (model(a * x0 + s * eps, t, labels) - (a * eps - s * x0)).pow(2).mean()
+
+
 # a plausible mistake for each task, and a word its hint must contain
 WRONG = {
     "add_noise": (lambda x0, eps, t, s: s.alpha(t).view(-1, 1, 1, 1) ** 2 * x0 + s.sigma(t).view(-1, 1, 1, 1) ** 2 * eps,
@@ -129,6 +140,18 @@ WRONG = {
     "dpm_solver_2m_step": (lambda x, m0, m1, lp, lt, ls, a_s, s_s, s_t: (s_s / s_t) * x - a_s * math.expm1(-(ls - lt)) * m0,
                            "first-order"),
     "guidance": (lambda c, u, w: c + w * (c - u), "w - 1"),
+    "ema_update": (_swapped_ema, "decay weighs the old average"),
+    "lr_at": (lambda s, lr, w, n, r: lr * s / w if s < w else
+              lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - w) / max(1, n - w))))), "step + 1"),
+    "cfg_training_loss": (_loss_without_dropout, "null class"),
+    "clip_loss": (lambda text, image, scale: torch.nn.functional.cross_entropy(
+        scale.exp().clamp(max=100) * text @ image.T, torch.arange(len(text))), "symmetric"),
+    "retrieval_accuracy": (lambda sim, captions: (sim.argmax(1) == torch.arange(len(sim))).double().mean(), "twice"),
+    "eos_pool": (lambda tokens, mask: tokens[:, -1], "padding"),
+    "vae_sample": (lambda mean, logvar, eps: mean + logvar.exp() * eps, "exp(0.5 * logvar)"),
+    "vae_kl": (lambda mean, logvar: (mean ** 2 + logvar.exp() - 1 - logvar).sum([1, 2, 3]), "1/2"),
+    "latent_scale": (lambda z: z.std(), "1 / z.std()"),
+    "psnr": (lambda a, b: 10 * math.log10(1 / (a - b).pow(2).mean().item()), "range is 2"),
 }
 
 

@@ -699,6 +699,459 @@ def check_guidance(fn) -> None:
     _ok("guidance", len(ws), "tld.samplers.make_denoiser(guidance=w)", worst)
 
 
+# --- lesson 06: the training loop ------------------------------------------------------------------
+
+def _scalar(task: str, value, case: str) -> torch.Tensor:
+    """A learner's number (float, int or one-element tensor) as a 0-d float64 tensor, or a CheckError."""
+    if torch.is_tensor(value) and value.numel() == 1:
+        return value.detach().double().reshape(())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    what = f"a tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
+    raise CheckError(f"check_{task}: your function returned {what}, expected one number (a float)\n  on {case}")
+
+
+def _flat(module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def check_ema_update(fn) -> None:
+    """``fn(ema, model, decay)``: in place, ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    import copy
+
+    from torch import nn
+
+    from tld.train import ema_update
+
+    g = _gen(12)
+    cases = [(0.9, 4, 8), (0.999, 3, 5), (0.0, 2, 6), (1.0, 5, 3)]
+    worst = 0.0
+    for decay, d_in, d_out in cases:
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(1000, (1,), generator=g)))
+            model = nn.Sequential(nn.Linear(d_in, d_out), nn.LayerNorm(d_out), nn.Linear(d_out, 2))
+            ema = copy.deepcopy(model).requires_grad_(False)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))  # the model has moved away from its average
+        before, weights = _flat(ema), _flat(model)
+        expected = copy.deepcopy(ema)
+        ema_update(expected, model, decay)
+        case = (f"decay {decay}; ema and model: Linear({d_in}, {d_out}) -> LayerNorm({d_out}) -> Linear({d_out}, 2), "
+                f"{len(list(model.parameters()))} parameter tensors, {weights.numel()} numbers")
+        _call("ema_update", fn, case, ema, model, decay)
+        if not torch.equal(_flat(model), weights):
+            raise CheckError(f"check_ema_update: your function changed the model's weights; only the EMA copy "
+                             f"should change\n  on {case}")
+
+        def hint(got, exp, before=before, weights=weights, decay=decay):
+            if _close(got, before, 1e-7):
+                return ("the EMA did not change: update its parameters in place (p_ema.mul_(decay).add_(p, "
+                        "alpha=1 - decay) or p_ema.lerp_(p, 1 - decay)); assigning to the loop variable changes nothing")
+            if _close(got, (1 - decay) * before + decay * weights):
+                return ("decay weighs the old average: ema = decay * ema + (1 - decay) * model, so a decay near 1 "
+                        "is a long, slow average")
+            if _close(got, weights):
+                return "that copies the model; blend it in with weight (1 - decay)"
+            return "for each pair (p_ema, p) of ema.parameters() and model.parameters(): decay * p_ema + (1 - decay) * p"
+
+        worst = max(worst, _compare("ema_update", _flat(ema), _flat(expected), case, atol=1e-6, rtol=1e-6,
+                                    hint=hint))
+    _ok("ema_update", len(cases), "tld.train.ema_update", worst)
+
+
+def _lr_variant(step, lr, warmup, max_steps, ratio, plus_one=True, floor=True, clamp=True, from_warmup=True):
+    """tld.train.lr_at's formula with one piece switched off: the usual mistakes, for hints."""
+    if step < warmup:
+        return lr * (step + plus_one) / warmup
+    start = warmup if from_warmup else 0
+    progress = (step - start) / max(1, max_steps - start)
+    progress = min(1.0, progress) if clamp else progress
+    r = ratio if floor else 0.0
+    return lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def check_lr_at(fn) -> None:
+    """``fn(step, lr, warmup_steps, max_steps, min_lr_ratio) -> float``: linear warmup, then cosine decay."""
+    from tld.train import TrainConfig, lr_at
+
+    cases = [(1e-3, 10, 100, 0.1), (2e-3, 0, 50, 0.0), (5e-4, 25, 40, 0.5), (1.0, 1, 7, 0.1)]
+    worst = 0.0
+    for lr, warmup, max_steps, ratio in cases:
+        cfg = TrainConfig(lr=lr, warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=ratio, lr_schedule="cosine")
+        steps = range(max_steps + 4)  # a few steps past the end: the rate holds at its floor
+        case = (f"lr {lr}, warmup_steps {warmup}, max_steps {max_steps}, min_lr_ratio {ratio}; "
+                f"steps 0..{max_steps + 3} (the index below is the step)")
+        got = torch.stack([_scalar("lr_at", _call("lr_at", fn, case, s, lr, warmup, max_steps, ratio),
+                                   f"{case}, step {s}") for s in steps])
+        expected = torch.tensor([lr_at(cfg, s) for s in steps], dtype=torch.float64)
+
+        def hint(got, exp, args=(lr, warmup, max_steps, ratio)):
+            variants = [({"plus_one": False}, "count the current step in warmup: lr * (step + 1) / warmup_steps, "
+                                              "so step 0 already trains (with step / warmup_steps it does nothing)"),
+                        ({"floor": False}, "decay to lr * min_lr_ratio, not to 0: "
+                                           "lr * (r + (1 - r) * 0.5 * (1 + cos(pi * progress)))"),
+                        ({"clamp": False}, "after max_steps hold the final rate: progress = min(1, ...)"),
+                        ({"from_warmup": False}, "the cosine starts where warmup ends: "
+                                                 "progress = (step - warmup_steps) / (max_steps - warmup_steps)")]
+            for kw, text in variants:
+                if _close(got, torch.tensor([_lr_variant(s, *args, **kw) for s in range(len(got))],
+                                            dtype=torch.float64), 1e-9):
+                    return text
+            return ("step < warmup_steps: lr * (step + 1) / warmup_steps; after it, progress p = (step - warmup) / "
+                    "(max_steps - warmup) capped at 1, and lr * (r + (1 - r) * (1 + cos(pi p)) / 2)")
+
+        worst = max(worst, _compare("lr_at", got, expected, case, atol=1e-12, rtol=1e-9, hint=hint))
+    _ok("lr_at", len(cases), "tld.train.lr_at", worst)
+
+
+def check_cfg_training_loss(fn) -> None:
+    """``fn(model, x0, labels, t, eps, drop, schedule) -> loss``: one step's v-loss, dropped labels -> null class.
+
+    The loss of ``tld.train``'s step: labels where ``drop`` is True become the null class
+    ``model.num_classes``; x_t = alpha_t x0 + sigma_t eps; the mean of (model(x_t, t, labels) - v)^2
+    with v = alpha_t eps - sigma_t x0.
+    """
+    from tld import diffusion
+    from tld.models import create
+
+    g = _gen(13)
+    cases = [("vp-cosine", 4, "random"), ("vp-linear", 3, "all"), ("rectified", 5, "none")]
+    worst = 0.0
+    for name, b, which in cases:
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(1000, (1,), generator=g)))
+            model = create("uvit-course", img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2,
+                           num_classes=5, conv_mlp=False).eval()
+            with torch.no_grad():  # weights away from the init, so the label (and its dropout) matters
+                for p in model.parameters():
+                    p.add_(0.2 * torch.randn_like(p))
+        schedule = diffusion.get_schedule(name)
+        x0, eps = torch.randn(b, 3, 8, 8, generator=g), torch.randn(b, 3, 8, 8, generator=g)
+        t = torch.rand(b, generator=g) * 0.9 + 0.05
+        labels = torch.randint(0, 5, (b,), generator=g)
+        drop = {"random": torch.arange(b) % 2 == 0, "all": torch.ones(b, dtype=torch.bool),
+                "none": torch.zeros(b, dtype=torch.bool)}[which]
+        case = (f"schedule {name!r}, x0 {(b, 3, 8, 8)}, labels {labels.tolist()}, drop {drop.tolist()}, "
+                f"a tiny U-ViT with num_classes {model.num_classes}")
+        cond = labels.clone()
+        cond[drop] = model.num_classes
+        x_t = diffusion.add_noise(x0, eps, t, schedule)
+        with torch.no_grad():
+            expected = diffusion.loss(model(x_t, t, cond), x0, eps, t, schedule, "v").mean()
+        given = labels.clone()
+        got = _call("cfg_training_loss", fn, case, model, x0, given, t, eps, drop, schedule)
+        if not torch.equal(given, labels):
+            raise CheckError(f"check_cfg_training_loss: your function changed the labels it was given (now "
+                             f"{given.tolist()}); clone them first, the batch belongs to the data loader\n  on {case}"
+                             f"\n  hint: cond = labels.clone(); cond[drop] = model.num_classes")
+        if torch.is_tensor(got) and not got.requires_grad:
+            raise CheckError(f"check_cfg_training_loss: the loss carries no gradient (requires_grad is False), "
+                             f"so backward() cannot train the model\n  on {case}\n  hint: do not compute it under "
+                             f"torch.no_grad() and do not .detach() or .item() it")
+
+        def hint(got, exp, x0=x0, eps=eps, t=t, labels=labels, drop=drop, x_t=x_t, schedule=schedule, model=model):
+            a, s = schedule.alpha(t).view(-1, 1, 1, 1), schedule.sigma(t).view(-1, 1, 1, 1)
+            with torch.no_grad():
+                pred = model(x_t, t, torch.where(drop, model.num_classes, labels))
+                if got.shape == (len(t),):
+                    return "average over the batch: the loss is one number (.mean()), not one per example"
+                if _close(got, (pred - eps).pow(2).mean(), 1e-6):
+                    return "that is the eps loss; the target here is v = alpha_t * eps - sigma_t * x0 (Salimans & Ho 2022)"
+                if _close(got, (pred - (a * x0 - s * eps)).pow(2).mean(), 1e-6):
+                    return "v = alpha_t * eps - sigma_t * x0 (eps and x0 swapped)"
+                if drop.any() and _close(got, diffusion.loss(model(x_t, t, labels), x0, eps, t, schedule, "v").mean(), 1e-6):
+                    return "replace the label of every dropped example (drop True) by the null class, model.num_classes"
+                if drop.any() and _close(got, diffusion.loss(model(x_t, t, torch.where(drop, 0, labels)), x0, eps, t,
+                                                             schedule, "v").mean(), 1e-6):
+                    return "the null class is model.num_classes (one past the real classes), not 0"
+            return ("x_t = alpha_t * x0 + sigma_t * eps (alpha_t, sigma_t as [B, 1, 1, 1]); "
+                    "loss = ((model(x_t, t, cond) - v) ** 2).mean()")
+
+        worst = max(worst, _compare("cfg_training_loss", got, expected, case, atol=1e-5, rtol=1e-5, hint=hint))
+    _ok("cfg_training_loss", len(cases), "tld.diffusion.loss on tld.train's step (v target, null class)", worst)
+
+
+# --- lesson 09: CLIP text conditioning -------------------------------------------------------------
+
+def check_clip_loss(fn) -> None:
+    """``fn(text, image, logit_scale) -> loss``: CLIP's symmetric cross-entropy over the [B, B] similarities."""
+    import torch.nn.functional as F
+
+    from tld.text import clip_loss
+
+    g = _gen(14)
+    cases = [(6, 8, 2.0), (4, 16, math.log(1 / 0.07)), (5, 8, 5.0), (1, 4, 2.0)]  # 5.0: e^5 = 148, clamped to 100
+    worst = 0.0
+    for b, d, log_scale in cases:
+        text = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1)
+        image = F.normalize(text + torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1)
+        scale = torch.tensor(log_scale, dtype=torch.float64)
+        case = f"text and image unit vectors {(b, d)}, logit_scale {log_scale:.4f} (temperature e^logit_scale)"
+
+        def hint(got, exp, text=text, image=image, scale=scale):
+            sim, labels = text @ image.T, torch.arange(len(text))
+            logits = scale.exp().clamp(max=100) * sim
+            if _close(got, F.cross_entropy(logits, labels), 1e-9) or _close(got, F.cross_entropy(logits.T, labels), 1e-9):
+                return "CLIP's loss is symmetric: average the text->image and the image->text cross-entropies"
+            both = (lambda lg: (F.cross_entropy(lg, labels) + F.cross_entropy(lg.T, labels)) / 2)
+            if _close(got, both(scale * sim), 1e-9):
+                return "logit_scale is a log: multiply the similarities by logit_scale.exp()"
+            if _close(got, both(scale.exp() * sim), 1e-9):
+                return "clamp the temperature at 100 as CLIP does: logit_scale.exp().clamp(max=100)"
+            if _close(got, both(sim), 1e-9):
+                return "scale the cosine similarities by the temperature logit_scale.exp() before the softmax"
+            return ("logits = logit_scale.exp().clamp(max=100) * text @ image.T; the right answer of row i is column i; "
+                    "(cross_entropy(logits, i) + cross_entropy(logits.T, i)) / 2")
+
+        got = _call("clip_loss", fn, case, text, image, scale)
+        worst = max(worst, _compare("clip_loss", got, clip_loss(text, image, scale), case, atol=1e-9, rtol=1e-9,
+                                    hint=hint))
+    _ok("clip_loss", len(cases), "tld.text.clip_loss", worst)
+
+
+class _ToyCLIP:
+    """A stand-in for TinyCLIP in tld.text.retrieval_accuracy: it knows each image's caption, plus noise.
+
+    With ``prefer_copy`` a caption scores highest the *last* image that shares it, so a batch with a
+    repeated caption retrieves the other copy (a right answer that is not on the diagonal).
+    """
+
+    image_size = 16
+
+    def __init__(self, noise: float, seed: int, prefer_copy: bool = False):
+        self.noise, self.gen, self.prefer_copy, self.seen = noise, _gen(seed), prefer_copy, None
+
+    def similarity(self, prompts, images):
+        n = len(prompts)
+        same = torch.tensor([[a == b for b in prompts] for a in prompts], dtype=torch.float64)
+        sim = same + (1e-3 * torch.arange(n, dtype=torch.float64)[None] if self.prefer_copy else 0)
+        sim = sim + self.noise * torch.randn(n, n, generator=self.gen, dtype=torch.float64)
+        self.seen = (sim, list(prompts))
+        return sim
+
+
+def check_retrieval_accuracy(fn) -> None:
+    """``fn(sim, captions) -> float``: caption -> image retrieval accuracy from a [n, n] similarity matrix.
+
+    Row i is caption i, column j is image j (whose caption is captions[j]); a pick counts as right when
+    the picked image has the query's caption, as in ``tld.text.retrieval_accuracy``.
+    """
+    from tld.text import retrieval_accuracy
+
+    cases = [(0.0, True, 64, 1), (0.6, False, 40, 2), (3.0, False, 25, 3)]
+    worst = 0.0
+    for noise, prefer_copy, n, seed in cases:
+        toy = _ToyCLIP(noise, 100 + seed, prefer_copy)
+        expected = torch.tensor(retrieval_accuracy(toy, n=n, seed=seed, batch=n), dtype=torch.float64)
+        sim, captions = toy.seen
+        repeats = n - len(set(captions))
+        case = (f"sim {(n, n)} from {n} shapes images (dataset seed {seed}, {repeats} repeated captions), "
+                f"noise {noise}" + (", each caption scoring its last copy highest" if prefer_copy else ""))
+
+        def hint(got, exp, sim=sim, captions=captions, n=n):
+            pick = sim.argmax(1)
+            if _close(got, (pick == torch.arange(n)).double().mean(), 1e-9):
+                return ("a batch can show the same caption twice: a pick is right when captions[pick] == captions[i], "
+                        "whichever copy it picked")
+            if _close(got, exp * n, 1e-9):
+                return f"return the fraction of right picks (divide by the {n} captions), not the count"
+            right = [captions[j] == captions[i] for i, j in enumerate(sim.argmax(0).tolist())]
+            if _close(got, torch.tensor(sum(right) / n, dtype=torch.float64), 1e-9):
+                return "each row is a caption: pick the best image with sim.argmax(dim=1)"
+            return "pick = sim.argmax(1); accuracy = mean over i of [captions[pick[i]] == captions[i]]"
+
+        got = _scalar("retrieval_accuracy", _call("retrieval_accuracy", fn, case, sim.clone(), list(captions)), case)
+        worst = max(worst, _compare("retrieval_accuracy", got, expected, case, atol=1e-9, rtol=0, hint=hint))
+    _ok("retrieval_accuracy", len(cases), "tld.text.retrieval_accuracy", worst)
+
+
+def check_eos_pool(fn) -> None:
+    """``fn(tokens, mask) -> [B, width]``: the state of each prompt's last real token ([EOS]), CLIP's pooling."""
+    import torch.nn.functional as F
+
+    from tld.text import TinyCLIP, shapes_captions, train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(shapes_captions(seed=0, n=300), vocab_size=128, context_length=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(15)
+        clip = TinyCLIP(tokenizer, dim=16, width=24, depth=1, heads=2, image_size=8, image_width=4).eval()
+    long = "a red circle at the top left and a blue square in the center and a green triangle"
+    cases = [["a red circle at the top left", "", "a cyan square"],
+             ["a yellow triangle on the right", "square", "a magenta circle at the bottom right", "a blue square"],
+             [long, "a green circle"]]
+    worst = 0.0
+    for prompts in cases:
+        with torch.no_grad():
+            pooled, tokens, mask = clip.encode(prompts)
+        n_real = mask.sum(1)
+        case = (f"tokens {tuple(tokens.shape)} and mask {tuple(mask.shape)} of TinyCLIP(width 24) for {prompts} "
+                f"({n_real.tolist()} real tokens each, padding zeroed)")
+        expected = tokens[torch.arange(len(prompts)), n_real - 1]
+
+        def hint(got, exp, tokens=tokens, mask=mask, n_real=n_real):
+            rows = torch.arange(len(tokens))
+            if _close(got, tokens[:, -1], 1e-6):
+                return ("tokens[:, -1] is a padding slot for every prompt shorter than the context: pick position "
+                        "mask.sum(1) - 1 of each prompt")
+            if _close(got, (tokens * mask[..., None]).sum(1) / n_real[:, None], 1e-6):
+                return "that is mean pooling; CLIP (and TinyCLIP) take the state of the [EOS] token, the last real one"
+            if _close(got, tokens[rows, n_real.clamp(max=tokens.shape[1] - 1)], 1e-6):
+                return "off by one: the last real token sits at index mask.sum(1) - 1 (positions count from 0)"
+            if _close(got, tokens[:, 0], 1e-6):
+                return "position 0 is [BOS], the same token opening every prompt; take the last real token"
+            return "last = mask.sum(1) - 1; pooled = tokens[torch.arange(B), last]"
+
+        got = _call("eos_pool", fn, case, tokens.clone(), mask.clone())
+        worst = max(worst, _compare("eos_pool", got, expected, case, atol=1e-6, rtol=1e-6, hint=hint))
+        with torch.no_grad():  # projected and normalised, your state is TinyCLIP's pooled output
+            worst = max(worst, _compare("eos_pool", F.normalize(clip.text_proj(got), dim=-1), pooled, case,
+                                        atol=1e-5, rtol=1e-5))
+    _ok("eos_pool", len(cases), "the pooled output of tld.text.TinyCLIP.encode", worst)
+
+
+# --- lesson 10: latent diffusion -------------------------------------------------------------------
+
+def _posterior(shape, g, lo=-4.0, hi=1.0):
+    mean = torch.randn(shape, generator=g)
+    logvar = torch.rand(shape, generator=g) * (hi - lo) + lo
+    return mean, logvar
+
+
+def check_vae_sample(fn) -> None:
+    """``fn(mean, logvar, eps) -> z = mean + exp(logvar / 2) * eps``: the reparameterised VAE sample."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    g = _gen(16)
+    cases = [(2, 4, 4, 4), (1, 3, 8, 8), (3, 2, 2, 2)]
+    worst = 0.0
+    for i, shape in enumerate(cases):
+        mean, logvar = _posterior(shape, g)
+        posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], 1))
+        expected = posterior.sample(_gen(100 + i))
+        eps = torch.randn(shape, generator=_gen(100 + i))  # the same draw as the library's sample
+        case = f"mean, logvar and eps of shape {shape}, logvar in [-4, 1]"
+
+        def hint(got, exp, mean=mean, logvar=logvar, eps=eps):
+            if _close(got, mean + logvar.exp() * eps):
+                return "logvar is log(sigma^2): the standard deviation is exp(0.5 * logvar), not exp(logvar)"
+            if _close(got, mean + logvar * eps):
+                return "logvar is a log variance: std = exp(0.5 * logvar)"
+            return "z = mean + std * eps with std = exp(0.5 * logvar) (Kingma & Welling 2014, the reparameterisation)"
+
+        got = _call("vae_sample", fn, case, mean, logvar, eps)
+        worst = max(worst, _compare("vae_sample", got, expected, case, atol=1e-5, rtol=1e-5, hint=hint))
+    _ok("vae_sample", len(cases), "diffusers' DiagonalGaussianDistribution.sample (the AutoencoderKL posterior)", worst)
+
+
+def check_vae_kl(fn) -> None:
+    """``fn(mean, logvar) -> [B]``: KL(N(mean, e^logvar) || N(0, I)) summed over C, H, W, one per image."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    g = _gen(17)
+    cases = [((2, 4, 4, 4), "random"), ((3, 2, 8, 8), "random"), ((2, 4, 2, 2), "standard normal: KL 0")]
+    worst = 0.0
+    for shape, kind in cases:
+        mean, logvar = _posterior(shape, g)
+        if kind != "random":
+            mean, logvar = torch.zeros(shape), torch.zeros(shape)
+        expected = DiagonalGaussianDistribution(torch.cat([mean, logvar], 1)).kl()
+        case = f"mean and logvar of shape {shape} ({kind})"
+
+        def hint(got, exp, mean=mean, logvar=logvar):
+            terms = mean.pow(2) + logvar.exp() - 1 - logvar
+            if _close(got, terms.sum([1, 2, 3])):
+                return "the Gaussian KL has a factor 1/2: 0.5 * (mean^2 + var - 1 - logvar)"
+            if _close(got, 0.5 * terms.mean([1, 2, 3])):
+                return "sum over C, H, W (one number per image), as diffusers' DiagonalGaussianDistribution.kl() does"
+            if got.numel() == 1:
+                return f"one KL per image: return shape [{len(exp)}], summed over dims 1, 2, 3 only"
+            return "KL = 0.5 * sum over C, H, W of (mean^2 + exp(logvar) - 1 - logvar)"
+
+        got = _call("vae_kl", fn, case, mean, logvar)
+        worst = max(worst, _compare("vae_kl", got, expected, case, atol=1e-4, rtol=1e-5, hint=hint))
+    _ok("vae_kl", len(cases), "diffusers' DiagonalGaussianDistribution.kl (the AutoencoderKL's KL-reg)", worst)
+
+
+def _tiny_vae_latents(seed: int, latent_channels: int, widths):
+    """A small untrained AutoencoderKL and shapes images it encodes (unscaled posterior means)."""
+    from diffusers import AutoencoderKL
+
+    from tld.autoencoder import tiny_vae_config
+    from tld.data import ShapesDataset
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**tiny_vae_config(latent_channels, widths)).eval()
+    images = ShapesDataset(size=16, seed=seed, length=8).batch(range(8))["image"]
+    with torch.no_grad():
+        z = vae.encode(images).latent_dist.mean
+    return vae, images, z
+
+
+def check_latent_scale(fn) -> None:
+    """``fn(z) -> float``: the latent scale factor 1 / std(z), over every number of the unscaled latents."""
+    from tld.autoencoder import latent_scale
+
+    g = _gen(18)
+    cases = ["synthetic", (0, 4, (8, 8)), (1, 2, (8, 8, 8))]
+    worst = 0.0
+    for spec in cases:
+        if spec == "synthetic":
+            z = 3.0 + 0.2 * torch.randn(4, 4, 4, 4, generator=g)
+            expected = 1 / z.std()
+            case = "synthetic latents z of shape (4, 4, 4, 4), mean 3, std 0.2"
+        else:
+            seed, channels, widths = spec
+            vae, images, z = _tiny_vae_latents(seed, channels, widths)
+            expected = torch.tensor(latent_scale(vae, images))
+            case = (f"latents {tuple(z.shape)} of 8 shapes images from a small AutoencoderKL "
+                    f"({channels} latent channels, widths {widths})")
+
+        def hint(got, exp, z=z):
+            if _close(got, z.std().double()):
+                return "that is the spread itself; the scale divides by it: 1 / z.std()"
+            if _close(got, 1 / z.var().double()):
+                return "divide by the standard deviation, not the variance"
+            if _close(got, 1 / z.pow(2).mean().sqrt().double()):
+                return "std subtracts the mean (1 / root-mean-square is not 1 / std): use 1 / z.std()"
+            return "one number for all the latents: 1 / z.std() (LDM; Stable Diffusion's VAE gives 0.18215)"
+
+        got = _scalar("latent_scale", _call("latent_scale", fn, case, z.clone()), case)
+        worst = max(worst, _compare("latent_scale", got, expected.double(), case, atol=1e-6, rtol=1e-5, hint=hint))
+    _ok("latent_scale", len(cases), "1 / z.std() and tld.autoencoder.latent_scale", worst)
+
+
+def check_psnr(fn) -> None:
+    """``fn(a, b) -> float``: PSNR in dB of images in [-1, 1]: 10 log10(2^2 / MSE), MSE floored at 1e-12."""
+    from tld.autoencoder import psnr
+    from tld.data import ShapesDataset
+
+    g = _gen(19)
+    clean = ShapesDataset(size=16, seed=19, length=4).batch(range(4))["image"]
+    cases = [(0.1, clean), (0.5, clean[:2]), (0.02, torch.rand(3, 1, 8, 8, generator=g) * 2 - 1), (0.0, clean[:1])]
+    worst = 0.0
+    for noise, a in cases:
+        b = (a + noise * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+        expected = torch.tensor(psnr(a, b), dtype=torch.float64)
+        case = (f"images {tuple(a.shape)} in [-1, 1] against a copy with noise std {noise}"
+                + (" (identical: MSE 0)" if noise == 0 else ""))
+
+        def hint(got, exp, a=a, b=b):
+            mse = (a - b).pow(2).mean().item()
+            if mse == 0 and not torch.isfinite(got).all():
+                return "identical images have MSE 0: floor it, max(mse, 1e-12), so PSNR is a finite 126 dB"
+            if mse and _close(got, torch.tensor(10 * math.log10(1 / mse)), 1e-4):
+                return "the images span [-1, 1]: the peak-to-peak range is 2, so PSNR = 10 log10(2^2 / MSE)"
+            if mse and _close(got, torch.tensor(20 * math.log10(4 / mse)), 1e-4):
+                return "PSNR = 10 log10(peak^2 / MSE) (20 log10 goes with peak / RMSE)"
+            return "mse = ((a - b) ** 2).mean(); psnr = 10 * log10(4 / max(mse, 1e-12))"
+
+        got = _scalar("psnr", _call("psnr", fn, case, a.clone(), b.clone()), case)
+        worst = max(worst, _compare("psnr", got, expected, case, atol=1e-3, rtol=1e-5, hint=hint))
+    _ok("psnr", len(cases), "tld.autoencoder.psnr", worst)
+
+
 CHECKERS = {name[len("check_"):]: obj for name, obj in dict(globals()).items()
             if name.startswith("check_") and callable(obj)}
 
