@@ -56,3 +56,20 @@ def test_papermill_runs_a_lesson_with_a_parameter_override(tmp_path, monkeypatch
     assert injected and "size = 16" in source(injected[0])
     outputs = json.dumps([c.get("outputs", []) for c in run])
     assert "image/png" in outputs, "the lesson draws pictures"
+
+
+@pytest.mark.slow
+def test_papermill_runs_the_full_training_lesson_as_a_text_to_image_run(tmp_path, monkeypatch):
+    """Lesson 12's text path: encoders trained, data cached, model trained, pipeline scored."""
+    papermill = pytest.importorskip("papermill")
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    out = tmp_path / "12.ipynb"
+    extra = ["conditioning=text", "text_encoder=tinyclip", "encoder_steps=5", "codec=tiny-vae", "vae_steps=5",
+             "cache_items=64", "max_steps=10", "log_every=5"]
+    papermill.execute_notebook(str(REPO / "notebooks/12_full_training_run.ipynb"), str(out),
+                               parameters={"preset": "smoke", "extra": extra, "sample_steps": 2,
+                                           "out_dir": str(tmp_path / "run")},
+                               cwd=str(REPO / "notebooks"), progress_bar=False, kernel_name="python3")
+    text = json.dumps([c.get("outputs", []) for c in json.loads(out.read_text())["cells"]])
+    assert "adherence all" in text and "image/png" in text
+    assert (tmp_path / "run" / "pipeline" / "pipeline.json").is_file()
