@@ -85,6 +85,13 @@ def test_fid_rises_monotonically_as_noise_is_added(measured):
     assert all(b > a for a, b in zip(levels, levels[1:])), dict(zip(NOISE_LEVELS, levels))
 
 
+def test_fid_of_real_vs_real_falls_as_the_sample_count_grows():
+    # the small-N bias (Chong & Forsyth 2020): two sets from ONE distribution still score far from zero
+    fa, fb = image_features(shapes01(seed=11, n=512)), image_features(shapes01(seed=12, n=512))
+    by_n = {n: frechet_distance(*feature_statistics(fa[:n]), *feature_statistics(fb[:n])) for n in (32, 128, 512)}
+    assert by_n[32] > 2 * by_n[128] > 4 * by_n[512] > 0, by_n
+
+
 def test_fid_auto_uses_classifier_features_when_inception_is_missing():
     if inception_available():
         pytest.skip("Inception weights are installed here")
