@@ -156,3 +156,18 @@ def test_pipeline_cli_draws_prompts_and_scores_every_checkpoint(text_run, tmp_pa
     rows = json.loads((text_run / "adherence.json").read_text())
     assert [r["step"] for r in rows] == [2, 4]
     assert all(0 <= r["all"] <= r["shape"] <= 1 and r["minutes"] is not None for r in rows)
+
+
+def test_from_run_finds_encoders_given_as_folders(text_run, tmp_path):
+    from tld import train as T
+
+    other = tmp_path / "reuse"
+    T.train(T.config_from_args(["preset=smoke", f"out_dir={other}", "progress=false", "conditioning=text",
+                                f"text_encoder={text_run / 'text_encoder'}", f"codec={text_run / 'codec'}",
+                                f"cache_dir={text_run / 'cache'}", "cache_items=64", "max_steps=2",
+                                "sample_steps=2"]))
+    assert not (other / "text_encoder").exists() and not (other / "cache").exists()  # reused, not copied
+    pipe = TextToImage.from_run(other)
+    assert pipe(["a green square"], steps=2).shape == (1, 3, 16, 16)
+    with pytest.raises(FileNotFoundError, match="not a training run"):
+        TextToImage.from_run(tmp_path / "nothing")

@@ -147,11 +147,18 @@ class TextToImage(nn.Module):
         run_dir = Path(run_dir)
         if which not in ("ema", "model"):
             raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
-        if not (run_dir / "config.json").is_file() or not (run_dir / "text_encoder").is_dir():
-            raise FileNotFoundError(f"{str(run_dir)!r} is not a text-conditioned training run (config.json and "
-                                    f"text_encoder/ are expected)")
+        if not (run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{str(run_dir)!r} is not a training run (no config.json)")
         cfg = json.loads((run_dir / "config.json").read_text())
         tc, kw = cfg["train_config"], cfg["model_kwargs"]
+        # encoders trained by the run live in it; encoders given as folders stay where they were
+        encoder = run_dir / "text_encoder" if (run_dir / "text_encoder").is_dir() else Path(tc.get("text_encoder") or "-")
+        codec_dir = run_dir / "codec" if (run_dir / "codec").is_dir() else (
+            Path(tc["codec"]) if tc.get("codec") not in (None, "", "tiny-vae") else None)
+        if tc.get("conditioning") != "text" or not encoder.is_dir():
+            raise FileNotFoundError(f"{str(run_dir)!r} is not a text-conditioned training run with its text "
+                                    f"encoder (conditioning={tc.get('conditioning')!r}, text_encoder="
+                                    f"{tc.get('text_encoder')!r})")
         ckpt = latest_checkpoint(run_dir) if step is None else run_dir / "checkpoints" / f"step_{step:07d}"
         if ckpt is None or not ckpt.is_dir():
             have = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").is_dir() else []
@@ -159,8 +166,8 @@ class TextToImage(nn.Module):
                                     f"found {have or 'none'}")
         denoiser = create(tc["model"], **kw)
         denoiser.load_state_dict(load_file(str(ckpt / f"{which}.safetensors")))
-        codec = load_codec(run_dir / "codec", device) if (run_dir / "codec").is_dir() else IdentityCodec(denoiser.in_chans)
-        return cls(denoiser.to(device), load_text_encoder(run_dir / "text_encoder", device), codec,
+        codec = load_codec(codec_dir, device) if codec_dir is not None else IdentityCodec(denoiser.in_chans)
+        return cls(denoiser.to(device), load_text_encoder(encoder, device), codec,
                    denoiser_config={"name": tc["model"], **kw}, schedule=tc["schedule"], prediction=tc["prediction"],
                    sampler=tc["sample_sampler"], null="zero", guidance=tc["sample_guidance"], condition="pooled")
 
