@@ -171,3 +171,16 @@ def test_from_run_finds_encoders_given_as_folders(text_run, tmp_path):
     assert pipe(["a green square"], steps=2).shape == (1, 3, 16, 16)
     with pytest.raises(FileNotFoundError, match="not a training run"):
         TextToImage.from_run(tmp_path / "nothing")
+
+
+def test_the_shipped_text_to_image_model_follows_its_prompts():
+    """data/pretrained/shapes-t2i: at least 0.9 of held-out captions right in color, shape and position."""
+    from pathlib import Path
+
+    from tld.pipeline import measure_adherence
+
+    folder = Path(__file__).resolve().parent.parent / "data" / "pretrained" / "shapes-t2i"
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 20 * 2**20, f"the shipped model is {size / 2**20:.1f} MB (limit 20 MB)"
+    adh = measure_adherence(TextToImage.from_pretrained(folder), n=32, steps=20)
+    assert adh["all"] >= 0.9, adh
