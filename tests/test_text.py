@@ -166,3 +166,15 @@ def test_clip_text_hub_id_not_on_disk_raises_instead_of_a_broken_tokenizer(monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises((FileNotFoundError, ValueError), match="no-such-clip"):
         CLIPText("tld-course/no-such-clip")
+
+
+def test_bpe_tokenizer_is_the_same_in_every_process():
+    """The trainer numbers pieces in hash-map order; ours fixes the ids, so runs are reproducible."""
+    import subprocess
+    import sys
+
+    code = ("from tld.text import train_bpe_tokenizer, shapes_captions; "
+            "print(train_bpe_tokenizer(shapes_captions(n=500)).to_str())")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(3)}
+    assert len(outs) == 1, "the tokenizer differs between processes"

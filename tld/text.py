@@ -62,11 +62,35 @@ def train_bpe_tokenizer(texts, vocab_size: int = 128, context_length: int = 16):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, UNK],
                                   initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False)
     tok.train_from_iterator(list(texts), trainer)
+    tok = _canonical_ids(tok)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))])
     tok.enable_padding(pad_id=tok.token_to_id(PAD), pad_token=PAD, length=context_length)
     tok.enable_truncation(max_length=context_length)
     return tok
+
+
+def _canonical_ids(tok):
+    """The same tokenizer with ids in a fixed order: special tokens, single pieces sorted, then merges.
+
+    The `tokenizers` trainer numbers the single characters in hash-map order, which changes from one
+    process to the next: the same captions gave different ids, hence a different TinyCLIP, every run.
+    """
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+    specials = sorted((t for t in vocab if t in (PAD, BOS, EOS, UNK)), key=vocab.get)  # the trainer's 0..3
+    merged = list(dict.fromkeys(a + b for a, b in pairs))
+    singles = sorted(t for t in vocab if t not in specials and t not in set(merged))
+    order = specials + singles + [t for t in merged if t in vocab]
+    if len(order) != len(vocab):
+        raise RuntimeError(f"BPE vocabulary of {len(vocab)} tokens did not reorder cleanly ({len(order)})")
+    spec["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    for added in spec.get("added_tokens", []):
+        added["id"] = spec["model"]["vocab"][added["content"]]
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 # --------------------------------------------------------------------------- shared helpers
