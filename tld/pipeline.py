@@ -134,28 +134,34 @@ class TextToImage(nn.Module):
                    load_codec(folder / "codec", device), denoiser_config=denoiser_config, **config)
 
     @classmethod
+    def for_training_run(cls, denoiser: nn.Module, text_encoder, codec, train_config: dict,
+                         model_kwargs: dict) -> TextToImage:
+        """The pipeline a `python -m tld.train conditioning=text` run defines: its schedule, prediction and
+        sampler, guidance against the zero vector (its dropout null), the pooled caption; pixels if no codec."""
+        from .autoencoder import IdentityCodec
+
+        tc = train_config
+        return cls(denoiser, text_encoder, codec if codec is not None else IdentityCodec(denoiser.in_chans),
+                   denoiser_config={"name": tc["model"], **model_kwargs}, schedule=tc["schedule"],
+                   prediction=tc["prediction"], sampler=tc["sample_sampler"], null="zero",
+                   guidance=tc["sample_guidance"], condition="pooled")
+
+    @classmethod
     def from_run(cls, run_dir, step: int | None = None, which: str = "ema", device="cpu") -> TextToImage:
         """The pipeline of a `python -m tld.train conditioning=text ...` run at one of its checkpoints.
 
         ``step=None`` takes the latest; ``which`` is "ema" (what samples should come from) or "model".
         """
-        from safetensors.torch import load_file
-
-        from .autoencoder import IdentityCodec
-        from .train import latest_checkpoint
+        from .train import encoder_folder, latest_checkpoint, load_model
 
         run_dir = Path(run_dir)
         if which not in ("ema", "model"):
             raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
         if not (run_dir / "config.json").is_file():
             raise FileNotFoundError(f"{str(run_dir)!r} is not a training run (no config.json)")
-        cfg = json.loads((run_dir / "config.json").read_text())
-        tc, kw = cfg["train_config"], cfg["model_kwargs"]
-        # encoders trained by the run live in it; encoders given as folders stay where they were
-        encoder = run_dir / "text_encoder" if (run_dir / "text_encoder").is_dir() else Path(tc.get("text_encoder") or "-")
-        codec_dir = run_dir / "codec" if (run_dir / "codec").is_dir() else (
-            Path(tc["codec"]) if tc.get("codec") not in (None, "", "tiny-vae") else None)
-        if tc.get("conditioning") != "text" or not encoder.is_dir():
+        tc = json.loads((run_dir / "config.json").read_text())["train_config"]
+        encoder = encoder_folder(tc.get("text_encoder", ""), run_dir, "text_encoder")
+        if tc.get("conditioning") != "text" or encoder is None or not encoder.is_dir():
             raise FileNotFoundError(f"{str(run_dir)!r} is not a text-conditioned training run with its text "
                                     f"encoder (conditioning={tc.get('conditioning')!r}, text_encoder="
                                     f"{tc.get('text_encoder')!r})")
@@ -164,12 +170,11 @@ class TextToImage(nn.Module):
             have = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").is_dir() else []
             raise FileNotFoundError(f"no checkpoint {'yet' if step is None else f'for step {step}'} in {run_dir}; "
                                     f"found {have or 'none'}")
-        denoiser = create(tc["model"], **kw)
-        denoiser.load_state_dict(load_file(str(ckpt / f"{which}.safetensors")))
-        codec = load_codec(codec_dir, device) if codec_dir is not None else IdentityCodec(denoiser.in_chans)
-        return cls(denoiser.to(device), load_text_encoder(encoder, device), codec,
-                   denoiser_config={"name": tc["model"], **kw}, schedule=tc["schedule"], prediction=tc["prediction"],
-                   sampler=tc["sample_sampler"], null="zero", guidance=tc["sample_guidance"], condition="pooled")
+        denoiser = load_model(ckpt, which, device)
+        codec_dir = encoder_folder(tc.get("codec", ""), run_dir, "codec")
+        return cls.for_training_run(denoiser, load_text_encoder(encoder, device),
+                                    load_codec(codec_dir, device) if codec_dir is not None else None,
+                                    tc, denoiser.model_kwargs)
 
 
 def held_out_captions(n: int = 256, size: int = 32, seed: int = 777) -> list[str]:

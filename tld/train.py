@@ -298,6 +298,17 @@ def build_dataset(cfg: TrainConfig):
     return data.CaptionedImageFolder(cfg.data_root, size=cfg.image_size)
 
 
+TRAINED_ENCODERS = {"text_encoder": "tinyclip", "codec": "tiny-vae"}
+
+
+def encoder_folder(spec: str, out_dir, name: str) -> Path | None:
+    """Where a run's text encoder or codec lives: trained by the run (spec "tinyclip" / "tiny-vae") in
+    out_dir/<name>, or the saved folder the spec names; None for no codec (pixels)."""
+    if not spec:
+        return None
+    return Path(out_dir) / name if spec == TRAINED_ENCODERS[name] else Path(spec)
+
+
 def prepare_text_encoders(cfg: TrainConfig, accelerator, out_dir: Path):
     """(text encoder, codec or None) for conditioning=text on captioned data; trained here when asked.
 
@@ -306,25 +317,27 @@ def prepare_text_encoders(cfg: TrainConfig, accelerator, out_dir: Path):
     from .autoencoder import load_codec, train_vae
     from .text import load_text_encoder, train_tiny_clip
 
-    def get(spec, name, make):
-        if spec not in ("tinyclip", "tiny-vae"):
-            if not Path(spec).exists():
+    makers = {"text_encoder": lambda: train_tiny_clip(steps=cfg.encoder_steps, seed=cfg.seed,
+                                                      image_size=cfg.image_size),
+              "codec": lambda: train_vae(steps=cfg.vae_steps, batch_size=32, widths=(16, 32), seed=cfg.seed,
+                                         image_size=cfg.image_size)}
+
+    def get(spec, name):
+        folder = encoder_folder(spec, out_dir, name)
+        if folder is None:
+            return None
+        if spec != TRAINED_ENCODERS[name]:
+            if not folder.exists():
                 raise FileNotFoundError(f"{name}={spec!r}: no such folder (expected a saved {name}, or "
-                                        f"{'tinyclip' if name == 'text_encoder' else 'tiny-vae'} to train one)")
-            return spec
-        folder = out_dir / name
-        if not (folder / "config.json").is_file() and not (folder / "tld_codec.json").is_file():
+                                        f"{TRAINED_ENCODERS[name]} to train one)")
+        elif not (folder / "config.json").is_file() and not (folder / "tld_codec.json").is_file():
             if accelerator.is_main_process:
                 print(f"training the {name} ({spec}) first; it is saved in {folder}")
-                make().save_pretrained(folder)
+                makers[name]().save_pretrained(folder)
         return folder
 
     with accelerator.main_process_first():
-        enc = get(cfg.text_encoder, "text_encoder",
-                  lambda: train_tiny_clip(steps=cfg.encoder_steps, seed=cfg.seed, image_size=cfg.image_size))
-        codec = get(cfg.codec, "codec",
-                    lambda: train_vae(steps=cfg.vae_steps, batch_size=32, widths=(16, 32), seed=cfg.seed,
-                                      image_size=cfg.image_size)) if cfg.codec else None
+        enc, codec = get(cfg.text_encoder, "text_encoder"), get(cfg.codec, "codec")
     return load_text_encoder(enc), (load_codec(codec) if codec else None)
 
 
@@ -588,6 +601,7 @@ def load_model(path, which: str = "ema", device="cpu") -> nn.Module:
         raise ValueError(f"checkpoint {weights} does not fit model {meta['model']!r}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     model.train_config = meta.get("train_config", {})
+    model.model_kwargs = meta["model_kwargs"]
     return model.to(device).eval()
 
 
@@ -830,14 +844,9 @@ def save_pipeline(cfg: TrainConfig, ema: nn.Module, text_encoder, codec, model_k
     """The EMA denoiser with its text encoder and codec as one TextToImage folder (tld.pipeline)."""
     import copy
 
-    from .autoencoder import IdentityCodec
     from .pipeline import TextToImage
 
-    denoiser = copy.deepcopy(ema).cpu()
-    pipe = TextToImage(denoiser, text_encoder, codec if codec is not None else IdentityCodec(denoiser.in_chans),
-                       denoiser_config={"name": cfg.model, **model_kw}, schedule=cfg.schedule,
-                       prediction=cfg.prediction, sampler=cfg.sample_sampler, null="zero",
-                       guidance=cfg.sample_guidance, condition="pooled")
+    pipe = TextToImage.for_training_run(copy.deepcopy(ema).cpu(), text_encoder, codec, asdict(cfg), model_kw)
     return pipe.save_pretrained(folder)
 
 
