@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -159,6 +158,8 @@ def train_vae(steps: int = 200, batch_size: int = 16, lr: float = 5e-3, kl_weigh
     """
     from diffusers import AutoencoderKL
 
+    from .train import fit_one_cycle
+
     torch.manual_seed(seed)
     vae = AutoencoderKL(**tiny_vae_config(**config))
     # start from a nearly deterministic posterior (std ~ 0.05 instead of ~1): with the KL weight this
@@ -169,24 +170,16 @@ def train_vae(steps: int = 200, batch_size: int = 16, lr: float = 5e-3, kl_weigh
         vae.quant_conv.bias[c:] = -6.0
     ds = ShapesDataset(size=image_size, seed=30_000 + seed, length=10_000_000)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    t0 = time.perf_counter()
-    vae.train()
-    for step in range(steps):
+
+    def loss_at(step):
         x = ds.batch(torch.randint(len(ds), (batch_size,), generator=gen).tolist())["image"]
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample(gen)).sample
         # shapes cover ~5% of the pixels: weight them up, or a short run learns a grey blob on the background
         w = 1 + fg_weight * (x - x[:, :, :1, :1]).abs().amax(1, keepdim=True).clamp(max=0.2) / 0.2
         err = recon - x
-        loss = (w * (err.abs() + err.pow(2))).mean() / w.mean() + kl_weight * dist.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if progress and (step % 50 == 0 or step == steps - 1):
-            print(f"step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - t0:.1f}s")
-    vae.eval()
+        return (w * (err.abs() + err.pow(2))).mean() / w.mean() + kl_weight * dist.kl().mean()
+
+    fit_one_cycle(vae, loss_at, steps, lr, weight_decay=0.0, progress=progress)
     probe = ShapesDataset(size=image_size, seed=30_000 + seed, length=256).batch(range(256))["image"]
     return DiffusersVAE(vae, scale=latent_scale(vae, probe))

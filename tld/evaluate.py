@@ -134,28 +134,22 @@ def train_shapes_classifier(size: int = 32, steps: int = 600, seed: int = 0, bat
     Training data uses ShapesDataset seeds 10_000 + seed + k, so the default
     held-out seeds (0, 1, ...) are never seen.
     """
+    from tld.train import fit_one_cycle
+
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():   # leave the caller's global RNG untouched
         torch.manual_seed(seed)
         model = ShapesClassifier(size=size)
     datasets = [ShapesDataset(size=s, seed=10_000 + seed + k, length=1_000_000)
                 for k, s in enumerate(render_sizes)]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(steps):
+    def loss_at(step):
         x, shape, color, pos = _training_batch(datasets, batch_size, gen, size)
         logits = model(x)
-        loss = (F.cross_entropy(logits["shape"], shape) + F.cross_entropy(logits["color"], color)
+        return (F.cross_entropy(logits["shape"], shape) + F.cross_entropy(logits["color"], color)
                 + F.cross_entropy(logits["position"], pos))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if progress and (step % 100 == 0 or step == steps - 1):
-            print(f"step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - t0:.1f}s")
-    return model.eval()
+
+    return fit_one_cycle(model, loss_at, steps, lr, weight_decay=1e-4, pct_start=0.15, progress=progress,
+                         every=100)
 
 
 def classifier_accuracy(model: ShapesClassifier, size: int = 32, n: int = 1000, seed: int = 1) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -237,27 +236,21 @@ def clip_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor
 def train_tiny_clip(steps: int = 300, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                     image_size: int = 32, progress: bool = False, **config) -> TinyCLIP:
     """Train a TinyCLIP on fresh shapes renders (seeds 20_000 + seed..., never the held-out ones)."""
+    from .train import fit_one_cycle
+
     torch.manual_seed(seed)
     tokenizer = train_bpe_tokenizer(shapes_captions(seed=20_000 + seed))
     model = TinyCLIP(tokenizer, image_size=image_size, **config)
     ds = ShapesDataset(size=image_size, seed=20_000 + seed, length=10_000_000)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    t0 = time.perf_counter()
-    model.train()
-    for step in range(steps):
+
+    def loss_at(step):
         b = ds.batch(torch.randint(len(ds), (batch_size,), generator=gen).tolist())
         same = b["label"][:, None] * 9 + b["position"][:, None] == (b["label"] * 9 + b["position"])[None]
         pooled = model.encode(b["caption"])[0]
-        loss = clip_loss(pooled, model.encode_images(b["image"]), model.logit_scale, same)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if progress and (step % 50 == 0 or step == steps - 1):
-            print(f"step {step:4d}  loss {loss.item():.3f}  {time.perf_counter() - t0:.1f}s")
-    return model.eval()
+        return clip_loss(pooled, model.encode_images(b["image"]), model.logit_scale, same)
+
+    return fit_one_cycle(model, loss_at, steps, lr, weight_decay=0.01, progress=progress, digits=3)
 
 
 @torch.no_grad()

@@ -301,6 +301,27 @@ def build_dataset(cfg: TrainConfig):
 TRAINED_ENCODERS = {"text_encoder": "tinyclip", "codec": "tiny-vae"}
 
 
+def fit_one_cycle(model: nn.Module, loss_at, steps: int, lr: float, weight_decay: float, pct_start: float = 0.1,
+                  progress: bool = False, every: int = 50, digits: int = 4) -> nn.Module:
+    """AdamW with a one-cycle learning rate, `steps` times `loss_at(step)`; returns the model in eval mode.
+
+    The course's small helper models (the VAE, TinyCLIP, the shapes classifier) all train this way.
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct_start)
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress and (step % every == 0 or step == steps - 1):
+            print(f"step {step:4d}  loss {loss.item():.{digits}f}  {time.perf_counter() - t0:.1f}s")
+    return model.eval()
+
+
 def encoder_folder(spec: str, out_dir, name: str) -> Path | None:
     """Where a run's text encoder or codec lives: trained by the run (spec "tinyclip" / "tiny-vae") in
     out_dir/<name>, or the saved folder the spec names; None for no codec (pixels)."""
