@@ -507,7 +507,6 @@ def generate_for_eval(kind: str, gen, n: int, steps: int, guidance: float, sampl
     class: labels cycle over the classes (label = shape * n_colors + color, as ShapesDataset);
     text: the captions of the held-out ShapesDataset(seed=777). Batch k uses seed + k.
     """
-    from .data import ShapesDataset
     from .train import generate
 
     batches = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
@@ -525,7 +524,9 @@ def generate_for_eval(kind: str, gen, n: int, steps: int, guidance: float, sampl
                 out.append(((x + 1) / 2).cpu())
             asked = {"labels": labels}
         else:
-            captions = ShapesDataset(size=32, seed=HELD_OUT_SEED, length=n).batch(range(n))["caption"]
+            from .pipeline import held_out_captions
+
+            captions = held_out_captions(n)
             for k, idx in enumerate(batches):
                 out.append(gen([captions[i] for i in idx], steps=steps, guidance=guidance, seed=seed + k,
                                sampler=sampler))

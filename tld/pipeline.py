@@ -177,11 +177,12 @@ class TextToImage(nn.Module):
                                     tc, denoiser.model_kwargs)
 
 
-def held_out_captions(n: int = 256, size: int = 32, seed: int = 777) -> list[str]:
-    """Captions of shapes renders no tld training run uses (runs draw seeds 0.., 20_000.., 30_000..)."""
+def held_out_captions(n: int = 256, size: int = 32, seed: int | None = None) -> list[str]:
+    """Captions of shapes renders no tld training run uses (tld.evaluate.HELD_OUT_SEED by default)."""
     from .data import ShapesDataset
+    from .evaluate import HELD_OUT_SEED
 
-    return ShapesDataset(size=size, seed=seed, length=n).batch(range(n))["caption"]
+    return ShapesDataset(size=size, seed=HELD_OUT_SEED if seed is None else seed, length=n).batch(range(n))["caption"]
 
 
 @torch.no_grad()
