@@ -1,0 +1,8 @@
+"""``python -m tld.course exercises|run ...``: see ``tld.course.cli``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

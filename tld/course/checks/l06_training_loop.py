@@ -1,0 +1,160 @@
+"""Checkers of lesson 06, the training loop: the EMA, the learning-rate schedule, the CFG training loss."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from ... import diffusion
+from ...models import create
+from ...train import TrainConfig, ema_update, lr_at
+from .common import CheckError, _call, _close, _compare, _flat, _gen, _ok, _scalar
+
+
+def check_ema_update(fn) -> None:
+    """``fn(ema, model, decay)``: in place, ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    g = _gen(12)
+    cases = [(0.9, 4, 8), (0.999, 3, 5), (0.0, 2, 6), (1.0, 5, 3)]
+    worst = 0.0
+    for decay, d_in, d_out in cases:
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(1000, (1,), generator=g)))
+            model = nn.Sequential(nn.Linear(d_in, d_out), nn.LayerNorm(d_out), nn.Linear(d_out, 2))
+            ema = copy.deepcopy(model).requires_grad_(False)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))  # the model has moved away from its average
+        before, weights = _flat(ema), _flat(model)
+        expected = copy.deepcopy(ema)
+        ema_update(expected, model, decay)
+        case = (f"decay {decay}; ema and model: Linear({d_in}, {d_out}) -> LayerNorm({d_out}) -> Linear({d_out}, 2), "
+                f"{len(list(model.parameters()))} parameter tensors, {weights.numel()} numbers")
+        _call("ema_update", fn, case, ema, model, decay)
+        if not torch.equal(_flat(model), weights):
+            raise CheckError(f"check_ema_update: your function changed the model's weights; only the EMA copy "
+                             f"should change\n  on {case}")
+
+        def hint(got, exp, before=before, weights=weights, decay=decay):
+            if _close(got, before, 1e-7):
+                return ("the EMA did not change: update its parameters in place (p_ema.mul_(decay).add_(p, "
+                        "alpha=1 - decay) or p_ema.lerp_(p, 1 - decay)); assigning to the loop variable changes nothing")
+            if _close(got, (1 - decay) * before + decay * weights):
+                return ("decay weighs the old average: ema = decay * ema + (1 - decay) * model, so a decay near 1 "
+                        "is a long, slow average")
+            if _close(got, weights):
+                return "that copies the model; blend it in with weight (1 - decay)"
+            return "for each pair (p_ema, p) of ema.parameters() and model.parameters(): decay * p_ema + (1 - decay) * p"
+
+        worst = max(worst, _compare("ema_update", _flat(ema), _flat(expected), case, atol=1e-6, rtol=1e-6,
+                                    hint=hint))
+    _ok("ema_update", len(cases), "tld.train.ema_update", worst)
+
+
+def _lr_variant(step, lr, warmup, max_steps, ratio, plus_one=True, floor=True, clamp=True, from_warmup=True):
+    """tld.train.lr_at's formula with one piece switched off: the usual mistakes, for hints."""
+    if step < warmup:
+        return lr * (step + plus_one) / warmup
+    start = warmup if from_warmup else 0
+    progress = (step - start) / max(1, max_steps - start)
+    progress = min(1.0, progress) if clamp else progress
+    r = ratio if floor else 0.0
+    return lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def check_lr_at(fn) -> None:
+    """``fn(step, lr, warmup_steps, max_steps, min_lr_ratio) -> float``: linear warmup, then cosine decay."""
+    cases = [(1e-3, 10, 100, 0.1), (2e-3, 0, 50, 0.0), (5e-4, 25, 40, 0.5), (1.0, 1, 7, 0.1)]
+    worst = 0.0
+    for lr, warmup, max_steps, ratio in cases:
+        cfg = TrainConfig(lr=lr, warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=ratio, lr_schedule="cosine")
+        steps = range(max_steps + 4)  # a few steps past the end: the rate holds at its floor
+        case = (f"lr {lr}, warmup_steps {warmup}, max_steps {max_steps}, min_lr_ratio {ratio}; "
+                f"steps 0..{max_steps + 3} (the index below is the step)")
+        got = torch.stack([_scalar("lr_at", _call("lr_at", fn, case, s, lr, warmup, max_steps, ratio),
+                                   f"{case}, step {s}") for s in steps])
+        expected = torch.tensor([lr_at(cfg, s) for s in steps], dtype=torch.float64)
+
+        def hint(got, exp, args=(lr, warmup, max_steps, ratio)):
+            variants = [({"plus_one": False}, "count the current step in warmup: lr * (step + 1) / warmup_steps, "
+                                              "so step 0 already trains (with step / warmup_steps it does nothing)"),
+                        ({"floor": False}, "decay to lr * min_lr_ratio, not to 0: "
+                                           "lr * (r + (1 - r) * 0.5 * (1 + cos(pi * progress)))"),
+                        ({"clamp": False}, "after max_steps hold the final rate: progress = min(1, ...)"),
+                        ({"from_warmup": False}, "the cosine starts where warmup ends: "
+                                                 "progress = (step - warmup_steps) / (max_steps - warmup_steps)")]
+            for kw, text in variants:
+                if _close(got, torch.tensor([_lr_variant(s, *args, **kw) for s in range(len(got))],
+                                            dtype=torch.float64), 1e-9):
+                    return text
+            return ("step < warmup_steps: lr * (step + 1) / warmup_steps; after it, progress p = (step - warmup) / "
+                    "(max_steps - warmup) capped at 1, and lr * (r + (1 - r) * (1 + cos(pi p)) / 2)")
+
+        worst = max(worst, _compare("lr_at", got, expected, case, atol=1e-12, rtol=1e-9, hint=hint))
+    _ok("lr_at", len(cases), "tld.train.lr_at", worst)
+
+
+def check_cfg_training_loss(fn) -> None:
+    """``fn(model, x0, labels, t, eps, drop, schedule) -> loss``: one step's v-loss, dropped labels -> null class.
+
+    The loss of ``tld.train``'s step: labels where ``drop`` is True become the null class
+    ``model.num_classes``; x_t = alpha_t x0 + sigma_t eps; the mean of (model(x_t, t, labels) - v)^2
+    with v = alpha_t eps - sigma_t x0.
+    """
+    g = _gen(13)
+    cases = [("vp-cosine", 4, "random"), ("vp-linear", 3, "all"), ("rectified", 5, "none")]
+    worst = 0.0
+    for name, b, which in cases:
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(1000, (1,), generator=g)))
+            model = create("uvit-course", img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2,
+                           num_classes=5, conv_mlp=False).eval()
+            with torch.no_grad():  # weights away from the init, so the label (and its dropout) matters
+                for p in model.parameters():
+                    p.add_(0.2 * torch.randn_like(p))
+        schedule = diffusion.get_schedule(name)
+        x0, eps = torch.randn(b, 3, 8, 8, generator=g), torch.randn(b, 3, 8, 8, generator=g)
+        t = torch.rand(b, generator=g) * 0.9 + 0.05
+        labels = torch.randint(0, 5, (b,), generator=g)
+        drop = {"random": torch.arange(b) % 2 == 0, "all": torch.ones(b, dtype=torch.bool),
+                "none": torch.zeros(b, dtype=torch.bool)}[which]
+        case = (f"schedule {name!r}, x0 {(b, 3, 8, 8)}, labels {labels.tolist()}, drop {drop.tolist()}, "
+                f"a tiny U-ViT with num_classes {model.num_classes}")
+        cond = labels.clone()
+        cond[drop] = model.num_classes
+        x_t = diffusion.add_noise(x0, eps, t, schedule)
+        with torch.no_grad():
+            expected = diffusion.loss(model(x_t, t, cond), x0, eps, t, schedule, "v").mean()
+        given = labels.clone()
+        got = _call("cfg_training_loss", fn, case, model, x0, given, t, eps, drop, schedule)
+        if not torch.equal(given, labels):
+            raise CheckError(f"check_cfg_training_loss: your function changed the labels it was given (now "
+                             f"{given.tolist()}); clone them first, the batch belongs to the data loader\n  on {case}"
+                             f"\n  hint: cond = labels.clone(); cond[drop] = model.num_classes")
+        if torch.is_tensor(got) and not got.requires_grad:
+            raise CheckError(f"check_cfg_training_loss: the loss carries no gradient (requires_grad is False), "
+                             f"so backward() cannot train the model\n  on {case}\n  hint: do not compute it under "
+                             f"torch.no_grad() and do not .detach() or .item() it")
+
+        def hint(got, exp, x0=x0, eps=eps, t=t, labels=labels, drop=drop, x_t=x_t, schedule=schedule, model=model):
+            a, s = schedule.alpha(t).view(-1, 1, 1, 1), schedule.sigma(t).view(-1, 1, 1, 1)
+            with torch.no_grad():
+                pred = model(x_t, t, torch.where(drop, model.num_classes, labels))
+                if got.shape == (len(t),):
+                    return "average over the batch: the loss is one number (.mean()), not one per example"
+                if _close(got, (pred - eps).pow(2).mean(), 1e-6):
+                    return "that is the eps loss; the target here is v = alpha_t * eps - sigma_t * x0 (Salimans & Ho 2022)"
+                if _close(got, (pred - (a * x0 - s * eps)).pow(2).mean(), 1e-6):
+                    return "v = alpha_t * eps - sigma_t * x0 (eps and x0 swapped)"
+                if drop.any() and _close(got, diffusion.loss(model(x_t, t, labels), x0, eps, t, schedule, "v").mean(), 1e-6):
+                    return "replace the label of every dropped example (drop True) by the null class, model.num_classes"
+                if drop.any() and _close(got, diffusion.loss(model(x_t, t, torch.where(drop, 0, labels)), x0, eps, t,
+                                                             schedule, "v").mean(), 1e-6):
+                    return "the null class is model.num_classes (one past the real classes), not 0"
+            return ("x_t = alpha_t * x0 + sigma_t * eps (alpha_t, sigma_t as [B, 1, 1, 1]); "
+                    "loss = ((model(x_t, t, cond) - v) ** 2).mean()")
+
+        worst = max(worst, _compare("cfg_training_loss", got, expected, case, atol=1e-5, rtol=1e-5, hint=hint))
+    _ok("cfg_training_loss", len(cases), "tld.diffusion.loss on tld.train's step (v target, null class)", worst)

@@ -1,0 +1,143 @@
+"""Checkers of lesson 10, latent diffusion: the VAE sample and KL, the latent scale, PSNR."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...autoencoder import latent_scale, psnr, tiny_vae_config
+from ...data import ShapesDataset
+from .common import _call, _close, _compare, _gen, _ok, _scalar
+
+
+def _posterior(shape, g, lo=-4.0, hi=1.0):
+    mean = torch.randn(shape, generator=g)
+    logvar = torch.rand(shape, generator=g) * (hi - lo) + lo
+    return mean, logvar
+
+
+def check_vae_sample(fn) -> None:
+    """``fn(mean, logvar, eps) -> z = mean + exp(logvar / 2) * eps``: the reparameterised VAE sample."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    g = _gen(16)
+    cases = [(2, 4, 4, 4), (1, 3, 8, 8), (3, 2, 2, 2)]
+    worst = 0.0
+    for i, shape in enumerate(cases):
+        mean, logvar = _posterior(shape, g)
+        posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], 1))
+        expected = posterior.sample(_gen(100 + i))
+        eps = torch.randn(shape, generator=_gen(100 + i))  # the same draw as the library's sample
+        case = f"mean, logvar and eps of shape {shape}, logvar in [-4, 1]"
+
+        def hint(got, exp, mean=mean, logvar=logvar, eps=eps):
+            if _close(got, mean + logvar.exp() * eps):
+                return "logvar is log(sigma^2): the standard deviation is exp(0.5 * logvar), not exp(logvar)"
+            if _close(got, mean + logvar * eps):
+                return "logvar is a log variance: std = exp(0.5 * logvar)"
+            return "z = mean + std * eps with std = exp(0.5 * logvar) (Kingma & Welling 2014, the reparameterisation)"
+
+        got = _call("vae_sample", fn, case, mean, logvar, eps)
+        worst = max(worst, _compare("vae_sample", got, expected, case, atol=1e-5, rtol=1e-5, hint=hint))
+    _ok("vae_sample", len(cases), "diffusers' DiagonalGaussianDistribution.sample (the AutoencoderKL posterior)", worst)
+
+
+def check_vae_kl(fn) -> None:
+    """``fn(mean, logvar) -> [B]``: KL(N(mean, e^logvar) || N(0, I)) summed over C, H, W, one per image."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    g = _gen(17)
+    cases = [((2, 4, 4, 4), "random"), ((3, 2, 8, 8), "random"), ((2, 4, 2, 2), "standard normal: KL 0")]
+    worst = 0.0
+    for shape, kind in cases:
+        mean, logvar = _posterior(shape, g)
+        if kind != "random":
+            mean, logvar = torch.zeros(shape), torch.zeros(shape)
+        expected = DiagonalGaussianDistribution(torch.cat([mean, logvar], 1)).kl()
+        case = f"mean and logvar of shape {shape} ({kind})"
+
+        def hint(got, exp, mean=mean, logvar=logvar):
+            terms = mean.pow(2) + logvar.exp() - 1 - logvar
+            if _close(got, terms.sum([1, 2, 3])):
+                return "the Gaussian KL has a factor 1/2: 0.5 * (mean^2 + var - 1 - logvar)"
+            if _close(got, 0.5 * terms.mean([1, 2, 3])):
+                return "sum over C, H, W (one number per image), as diffusers' DiagonalGaussianDistribution.kl() does"
+            if got.numel() == 1:
+                return f"one KL per image: return shape [{len(exp)}], summed over dims 1, 2, 3 only"
+            return "KL = 0.5 * sum over C, H, W of (mean^2 + exp(logvar) - 1 - logvar)"
+
+        got = _call("vae_kl", fn, case, mean, logvar)
+        worst = max(worst, _compare("vae_kl", got, expected, case, atol=1e-4, rtol=1e-5, hint=hint))
+    _ok("vae_kl", len(cases), "diffusers' DiagonalGaussianDistribution.kl (the AutoencoderKL's KL-reg)", worst)
+
+
+def _tiny_vae_latents(seed: int, latent_channels: int, widths):
+    """A small untrained AutoencoderKL and shapes images it encodes (unscaled posterior means)."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**tiny_vae_config(latent_channels, widths)).eval()
+    images = ShapesDataset(size=16, seed=seed, length=8).batch(range(8))["image"]
+    with torch.no_grad():
+        z = vae.encode(images).latent_dist.mean
+    return vae, images, z
+
+
+def check_latent_scale(fn) -> None:
+    """``fn(z) -> float``: the latent scale factor 1 / std(z), over every number of the unscaled latents."""
+    g = _gen(18)
+    cases = ["synthetic", (0, 4, (8, 8)), (1, 2, (8, 8, 8))]
+    worst = 0.0
+    for spec in cases:
+        if spec == "synthetic":
+            z = 3.0 + 0.2 * torch.randn(4, 4, 4, 4, generator=g)
+            expected = 1 / z.std()
+            case = "synthetic latents z of shape (4, 4, 4, 4), mean 3, std 0.2"
+        else:
+            seed, channels, widths = spec
+            vae, images, z = _tiny_vae_latents(seed, channels, widths)
+            expected = torch.tensor(latent_scale(vae, images))
+            case = (f"latents {tuple(z.shape)} of 8 shapes images from a small AutoencoderKL "
+                    f"({channels} latent channels, widths {widths})")
+
+        def hint(got, exp, z=z):
+            if _close(got, z.std().double()):
+                return "that is the spread itself; the scale divides by it: 1 / z.std()"
+            if _close(got, 1 / z.var().double()):
+                return "divide by the standard deviation, not the variance"
+            if _close(got, 1 / z.pow(2).mean().sqrt().double()):
+                return "std subtracts the mean (1 / root-mean-square is not 1 / std): use 1 / z.std()"
+            return "one number for all the latents: 1 / z.std() (LDM; Stable Diffusion's VAE gives 0.18215)"
+
+        got = _scalar("latent_scale", _call("latent_scale", fn, case, z.clone()), case)
+        worst = max(worst, _compare("latent_scale", got, expected.double(), case, atol=1e-6, rtol=1e-5, hint=hint))
+    _ok("latent_scale", len(cases), "1 / z.std() and tld.autoencoder.latent_scale", worst)
+
+
+def check_psnr(fn) -> None:
+    """``fn(a, b) -> float``: PSNR in dB of images in [-1, 1]: 10 log10(2^2 / MSE), MSE floored at 1e-12."""
+    g = _gen(19)
+    clean = ShapesDataset(size=16, seed=19, length=4).batch(range(4))["image"]
+    cases = [(0.1, clean), (0.5, clean[:2]), (0.02, torch.rand(3, 1, 8, 8, generator=g) * 2 - 1), (0.0, clean[:1])]
+    worst = 0.0
+    for noise, a in cases:
+        b = (a + noise * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+        expected = torch.tensor(psnr(a, b), dtype=torch.float64)
+        case = (f"images {tuple(a.shape)} in [-1, 1] against a copy with noise std {noise}"
+                + (" (identical: MSE 0)" if noise == 0 else ""))
+
+        def hint(got, exp, a=a, b=b):
+            mse = (a - b).pow(2).mean().item()
+            if mse == 0 and not torch.isfinite(got).all():
+                return "identical images have MSE 0: floor it, max(mse, 1e-12), so PSNR is a finite 126 dB"
+            if mse and _close(got, torch.tensor(10 * math.log10(1 / mse)), 1e-4):
+                return "the images span [-1, 1]: the peak-to-peak range is 2, so PSNR = 10 log10(2^2 / MSE)"
+            if mse and _close(got, torch.tensor(20 * math.log10(4 / mse)), 1e-4):
+                return "PSNR = 10 log10(peak^2 / MSE) (20 log10 goes with peak / RMSE)"
+            return "mse = ((a - b) ** 2).mean(); psnr = 10 * log10(4 / max(mse, 1e-12))"
+
+        got = _scalar("psnr", _call("psnr", fn, case, a.clone(), b.clone()), case)
+        worst = max(worst, _compare("psnr", got, expected, case, atol=1e-3, rtol=1e-5, hint=hint))
+    _ok("psnr", len(cases), "tld.autoencoder.psnr", worst)
