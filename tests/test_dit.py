@@ -1,8 +1,5 @@
 """DiT (tld/models/dit.py) and the adaLN-Zero block (tld/blocks.py): the claims of lesson 05."""
 
-import importlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -120,22 +117,17 @@ def test_dit_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_presets_in_models_init_match_the_modules_registrations():
-    # tld/models/__init__.py lists the presets statically; dit/udit/tldnet register them too: they must agree
-    spec = importlib.util.spec_from_file_location("_static_models", Path(tld.models.__file__))
-    static = importlib.util.module_from_spec(spec)
-    sys.modules["_static_models"] = static  # dataclasses look their module up while being built
-    try:
-        spec.loader.exec_module(static)
-    finally:
-        del sys.modules["_static_models"]
-    for module in ("dit", "udit", "tldnet"):
-        importlib.import_module(f"tld.models.{module}")
-    mine = [n for n in tld.models.PRESETS if n.split("-")[0] in ("dit", "udit", "tld")]
-    assert len(mine) == 11
-    for name in mine:
-        a, b = static.PRESETS[name], tld.models.PRESETS[name]
-        assert (a.builder, a.kwargs) == (b.builder, b.kwargs), name
+def test_presets_live_in_one_table_and_each_names_its_class():
+    # one table in tld/models/__init__.py: the model modules register nothing themselves
+    for module in ("uvit", "dit", "udit", "tldnet"):
+        source = (Path(tld.models.__file__).parent / f"{module}.py").read_text()
+        assert "PRESETS" not in source and "register(" not in source, module
+    families = {name: tld.models.family(name) for name in tld.models.PRESETS}
+    assert sum(f in ("dit", "udit", "tld") for f in families.values()) == 11
+    assert {families[n] for n in ("uvit-s/2", "dit-xl/2", "udit-b", "tld-100m")} == {"uvit", "dit", "udit", "tld"}
+    with torch.device("meta"):
+        for name, preset in tld.models.PRESETS.items():
+            assert type(tld.models.create(name)) is preset.cls, name
 
 
 def test_dit_xl2_costs_118_6_gmacs_per_forward_as_in_the_paper():

@@ -98,7 +98,7 @@ def test_training_from_scratch_reaches_99_percent_and_round_trips(tmp_path):
 
 
 def test_missing_shipped_weights_fall_back_to_training_and_caching(tmp_path, monkeypatch):
-    import tld.evaluate as ev
+    import tld.judge as ev  # where the classifier and its shipped-weights lookup live
 
     calls = []
 

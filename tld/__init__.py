@@ -9,10 +9,21 @@ __version__ = "0.1.0"
 
 import importlib
 
-_SUBMODULES = (
-    "data", "diffusion", "patch", "blocks", "models", "samplers", "train",
-    "evaluate", "viz", "bench", "course", "text", "autoencoder", "pipeline", "interop", "demo",
-)
+# The layers: a module imports only modules of its own layer or below, at its top, never in a
+# circle (tests/test_layers.py checks it). Lower layers know nothing of the ones above them.
+LAYERS = {
+    # 0: foundations, each standing alone (io: atomic folder saves; assets: the shipped models)
+    "io": 0, "assets": 0, "diffusion": 0, "patch": 0, "blocks": 0, "data": 0, "viz": 0,
+    # 1: denoisers (one preset table), samplers (with the one `generate`), optimisation
+    "models": 1, "samplers": 1, "optim": 1, "gmm": 1,
+    # 2: encoders, caches, run folders, the judge (shapes classifier, adherence), FID
+    "text": 2, "autoencoder": 2, "cache": 2, "runs": 2, "judge": 2, "fid": 2,
+    # 3: the text-to-image pipeline; the training config, presets and the one key=value parser
+    "pipeline": 3, "config": 3,
+    # 4: the training loop; 5: evaluating a checkpoint; 6: tools on top
+    "train": 4, "evaluate": 5, "demo": 6, "bench": 6, "interop": 6, "course": 6,
+}
+_SUBMODULES = tuple(LAYERS)
 
 
 def __getattr__(name):

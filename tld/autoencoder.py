@@ -17,7 +17,6 @@ schedules assume (Stable Diffusion's VAE: 0.18215, from 1/std of its latents; LD
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -25,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import io
 from .data import ShapesDataset
+from .optim import fit_one_cycle
 
 __all__ = ["IdentityCodec", "DiffusersVAE", "tiny_vae_config", "train_vae", "latent_scale", "psnr",
            "load_codec"]
@@ -49,8 +50,8 @@ class IdentityCodec(nn.Module):
 
     def save_pretrained(self, folder) -> Path:
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps({"type": "IdentityCodec", "channels": self.latent_channels}))
+        with io.atomic_folder(folder) as tmp:
+            io.write_json(tmp / "config.json", {"type": "IdentityCodec", "channels": self.latent_channels})
         return folder
 
 
@@ -109,19 +110,20 @@ class DiffusersVAE(nn.Module):
     def save_pretrained(self, folder) -> Path:
         """The AutoencoderKL (config.json + diffusion_pytorch_model.safetensors) and tld_codec.json (scale)."""
         folder = Path(folder)
-        self.vae.save_pretrained(str(folder))
-        (folder / "tld_codec.json").write_text(json.dumps({"type": "DiffusersVAE", "scale": self.scale}) + "\n")
+        with io.atomic_folder(folder) as tmp:
+            self.vae.save_pretrained(str(tmp))
+            io.write_json(tmp / "tld_codec.json", {"type": "DiffusersVAE", "scale": self.scale})
         return folder
 
 
 def load_codec(folder, device="cpu"):
     """Whatever a codec's `save_pretrained` wrote into `folder`."""
-    folder = Path(folder)
+    folder = io.recover(Path(folder))
     if (folder / "tld_codec.json").is_file():
-        return DiffusersVAE(folder, json.loads((folder / "tld_codec.json").read_text())["scale"], device)
+        return DiffusersVAE(folder, io.read_json(folder / "tld_codec.json")["scale"], device)
     cfg = folder / "config.json"
-    if cfg.is_file() and json.loads(cfg.read_text()).get("type") == "IdentityCodec":
-        return IdentityCodec(json.loads(cfg.read_text())["channels"])
+    if cfg.is_file() and io.read_json(cfg).get("type") == "IdentityCodec":
+        return IdentityCodec(io.read_json(cfg)["channels"])
     raise FileNotFoundError(f"no tld codec in {str(folder)!r}: expected tld_codec.json (a VAE) or an "
                             "IdentityCodec config.json")
 
@@ -157,8 +159,6 @@ def train_vae(steps: int = 200, batch_size: int = 16, lr: float = 5e-3, kl_weigh
     without its perceptual and GAN terms). Its scale is set from the latents: 1 / std.
     """
     from diffusers import AutoencoderKL
-
-    from .train import fit_one_cycle
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**tiny_vae_config(**config))

@@ -18,8 +18,10 @@ import time
 
 import torch
 
+from .data import ShapesDataset
 from .diffusion import get_schedule
 from .gmm import GMM, rms_error
+from .models import create
 from .samplers import sample
 
 STEPS = (5, 10, 20, 50)
@@ -185,8 +187,6 @@ def dit_pair(size: int = 16, width: int = 384, depth: int = 6, heads: int = 6, p
     """tld's DiT and diffusers' DiTTransformer2DModel with the same configuration (eps only)."""
     from diffusers import DiTTransformer2DModel
 
-    from .models import create
-
     torch.manual_seed(0)
     ours = create("dit-s/2", img_size=size, patch_size=patch, in_chans=channels, embed_dim=width, depth=depth,
                   num_heads=heads, num_classes=classes, learn_sigma=False)
@@ -305,8 +305,6 @@ def peak_cuda_bytes(step) -> int:
 
 def checkpointing_saving(preset: str = "uvit-course", batch: int = 16, device=None) -> dict:
     """Activation memory of a U-ViT preset with and without per-block gradient checkpointing."""
-    from .models import create
-
     device = device or torch.device("cpu")
     torch.manual_seed(0)
     model = create(preset).to(device).train()
@@ -391,9 +389,6 @@ def render_vs_step(preset: str = "uvit-course", size: int = 32, batch: int = 64,
     The ratio is what matters: under any load both slow down alike, and a ratio far below 1 means the
     renderer never makes training wait.
     """
-    from .data import ShapesDataset
-    from .models import create
-
     ds = ShapesDataset(size=size, length=batch * (repeats + 2))
     torch.manual_seed(0)
     model = create(preset, img_size=size).train()

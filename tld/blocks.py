@@ -62,6 +62,13 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return ((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])).softmax(dim=-1)
 
 
+def _check_heads(dim: int, num_heads: int, backend: str) -> None:
+    if dim % num_heads:
+        raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused q/k/v projection.
 
@@ -71,10 +78,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, proj: bool = True,
                  backend: str = "sdpa"):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
+        _check_heads(dim, num_heads, backend)
         self.num_heads = num_heads
         self.backend = backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -99,10 +103,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, context_dim: int, num_heads: int, qkv_bias: bool = False,
                  proj: bool = True, backend: str = "sdpa"):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
+        _check_heads(dim, num_heads, backend)
         self.num_heads = num_heads
         self.backend = backend
         self.q = nn.Linear(dim, dim, bias=qkv_bias)

@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from . import io
 
 __all__ = ["weights_digest", "encoder_identity", "dataset_identity", "cache_key", "build_cache", "CachedDataset"]
 
@@ -110,42 +110,40 @@ def build_cache(dataset, root, codec=None, text_encoder=None, n: int | None = No
     if (folder / "meta.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
-    try:
-        arrays, captions, labels = {}, [], []
-        for start in range(0, n, batch_size):
-            b = _batch(dataset, list(range(start, min(n, start + batch_size))))
-            out = {"latents": codec.encode(b["image"]) if codec is not None else b["image"]}
-            if text_encoder is not None:
-                pooled, tok, mask = text_encoder.encode(b["caption"])
-                out["pooled"] = pooled
-                if tokens:
-                    out["tokens"], out["mask"] = tok, mask
-            for k, v in out.items():
-                arr = v.detach().float().cpu().numpy() if k != "mask" else v.cpu().numpy()
-                if k not in arrays:   # preallocate on disk, written batch by batch
-                    arrays[k] = np.lib.format.open_memmap(tmp / f"{k}.npy", mode="w+", dtype=arr.dtype,
-                                                          shape=(n, *arr.shape[1:]))
-                arrays[k][start:start + len(arr)] = arr
-            captions += list(b["caption"])
-            labels += [int(v) for v in b["label"]]
-            if progress:
-                print(f"cached {start + len(b['caption'])}/{n}")
-        for a in arrays.values():
-            a.flush()
-        del arrays
+    with io.atomic_folder(folder) as tmp:   # an unfinished earlier attempt is replaced, never read
+        labels, captions = _encode_into(tmp, dataset, n, codec, text_encoder, tokens, batch_size, progress)
         np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
-        (tmp / "captions.json").write_text(json.dumps(captions))
+        io.write_json(tmp / "captions.json", captions)
         meta = {"key": key, "n": n, "dataset": dataset_identity(dataset, n), "codec": encoder_identity(codec),
                 "text_encoder": encoder_identity(text_encoder), "tokens": tokens}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        if folder.exists():   # an unfinished earlier attempt
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        io.write_json(tmp / "meta.json", json.loads(json.dumps(meta, default=str)))
     return folder
+
+
+def _encode_into(tmp: Path, dataset, n: int, codec, text_encoder, tokens: bool, batch_size: int, progress: bool):
+    """Encode batch by batch into preallocated memory-mapped .npy files; returns (labels, captions)."""
+    arrays, captions, labels = {}, [], []
+    for start in range(0, n, batch_size):
+        b = _batch(dataset, list(range(start, min(n, start + batch_size))))
+        out = {"latents": codec.encode(b["image"]) if codec is not None else b["image"]}
+        if text_encoder is not None:
+            pooled, tok, mask = text_encoder.encode(b["caption"])
+            out["pooled"] = pooled
+            if tokens:
+                out["tokens"], out["mask"] = tok, mask
+        for k, v in out.items():
+            arr = v.detach().float().cpu().numpy() if k != "mask" else v.cpu().numpy()
+            if k not in arrays:   # preallocate on disk, written batch by batch
+                arrays[k] = np.lib.format.open_memmap(tmp / f"{k}.npy", mode="w+", dtype=arr.dtype,
+                                                      shape=(n, *arr.shape[1:]))
+            arrays[k][start:start + len(arr)] = arr
+        captions += list(b["caption"])
+        labels += [int(v) for v in b["label"]]
+        if progress:
+            print(f"cached {start + len(b['caption'])}/{n}")
+    for a in arrays.values():
+        a.flush()
+    return labels, captions
 
 
 class CachedDataset(Dataset):

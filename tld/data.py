@@ -201,9 +201,6 @@ class ShapesDataset(Dataset):
         """['red circle', 'green circle', ...] in label order."""
         return [f"{c} {s}" for s in self.shapes for c in self.colors]
 
-    def label_of(self, shape: str, color: str) -> int:
-        return self.shapes.index(shape) * len(self.colors) + self.colors.index(color)
-
     def captions_for_label(self, label: int) -> list:
         """Every caption (one per position) that can go with a class label."""
         if not 0 <= label < self.num_classes:

@@ -17,11 +17,17 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
+from . import assets, io
 from . import train as T
-from .data import DEFAULT_COLORS
+from .config import parse_key_values
+from .data import DEFAULT_COLORS, ShapesDataset
+from .judge import shapes_accuracy
+from .runs import latest_checkpoint, load_model
+from .viz import to_uint8
 
-REFERENCE = Path(__file__).resolve().parent.parent / "data" / "pretrained" / "shapes-cond"
+REFERENCE = assets.ROOT / "shapes-cond"
 
 
 @torch.no_grad()
@@ -36,8 +42,6 @@ def class_samples(model, train_config: dict, per_class: int = 4, steps: int = 50
 
 def judge(images: torch.Tensor, labels: torch.Tensor, colors=DEFAULT_COLORS) -> dict:
     """Color and shape accuracy of class samples, as read back by the shapes classifier."""
-    from .evaluate import shapes_accuracy
-
     shapes, cols = labels // len(colors), labels % len(colors)
     acc = shapes_accuracy(images, shapes, cols)
     return {"color": acc["color"], "shape": acc["shape"], "both": acc["all"]}
@@ -46,10 +50,6 @@ def judge(images: torch.Tensor, labels: torch.Tensor, colors=DEFAULT_COLORS) -> 
 def labelled_grid(panels: list[tuple[str, torch.Tensor]], labels: torch.Tensor, class_names: list[str],
                   per_class: int, scale: int = 3):
     """One PIL picture: a row per class, a block of columns per panel (title on top), class names left."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from .viz import to_uint8
-
     font = ImageFont.load_default()
     h, w = panels[0][1].shape[-2:]
     cell_w, cell_h, pad = w * scale, h * scale, 2
@@ -74,19 +74,16 @@ def labelled_grid(panels: list[tuple[str, torch.Tensor]], labels: torch.Tensor, 
 
 
 def export(checkpoint, dest) -> Path:
-    """Copy a checkpoint's EMA weights and its config into ``dest`` (what ships in data/pretrained)."""
-    import shutil
-
+    """Write a checkpoint's EMA weights and its config into ``dest`` (what ships in data/pretrained):
+    config.json + model.safetensors, atomically, keeping the folder's README.md."""
     src = Path(checkpoint)
     if (src / "checkpoints").exists():
-        src = T.latest_checkpoint(src)
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src / "ema.safetensors", dest / "model.safetensors")
-    meta = json.loads((src / "config.json").read_text())
-    (dest / "config.json").write_text(json.dumps(meta, indent=2))
-    T.load_model(dest)  # fails loudly if what was written does not load
-    return dest
+        src = latest_checkpoint(src)
+    meta, states = io.load_state(src, "ema")
+    meta.pop("optimizer", None)   # an exported model carries no optimizer state
+    io.save_state(dest, meta, keep=("README.md",), model=states["ema"])
+    load_model(dest)  # fails loudly if what was written does not load
+    return Path(dest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"exported to {export(argv[1], argv[2])}")
         return 0
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        print(f"error: expected key=value, got {bad[0]!r} (e.g. max_minutes=2 out=samples.png)", file=sys.stderr)
+    try:
+        opts = dict(parse_key_values(argv, hint=" (e.g. max_minutes=2 out=samples.png)"))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    opts = dict(a.split("=", 1) for a in argv)
     out_png = Path(opts.pop("out", "samples.png"))
     per_class = int(opts.pop("per_class", 4))
     steps = int(opts.pop("steps", 50))
@@ -115,17 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained {summary['steps_this_run']} steps in {summary['seconds'] / 60:.1f} min "
           f"({summary['steps_per_second']:.2f} steps/s), final loss {summary['final_loss']:.4f}")
 
-    from .data import ShapesDataset
-
     names = ShapesDataset(size=cfg.image_size).class_names
     guidance = cfg.sample_guidance
     panels, rows = [], []
-    ours = T.load_model(cfg.out_dir)
+    ours = load_model(cfg.out_dir)
     images, labels = class_samples(ours, ours.train_config, per_class, steps, guidance)
     panels.append((f"this run ({summary['steps']} steps)", images))
     rows.append(("this run", judge(images, labels)))
     if (reference / "config.json").exists():
-        ref = T.load_model(reference)
+        ref = load_model(reference)
         ref_images, _ = class_samples(ref, ref.train_config, per_class, steps, guidance)
         meta = json.loads((reference / "config.json").read_text())
         panels.append((f"reference ({meta.get('step', '?')} steps)", ref_images))

@@ -245,14 +245,6 @@ def to_x0(pred, x_t, t, schedule, prediction):
     return convert(pred, x_t, t, schedule, prediction, "x0")
 
 
-def to_eps(pred, x_t, t, schedule, prediction):
-    return convert(pred, x_t, t, schedule, prediction, "eps")
-
-
-def to_v(pred, x_t, t, schedule, prediction):
-    return convert(pred, x_t, t, schedule, prediction, "v")
-
-
 def target(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, schedule: Schedule, prediction: str) -> torch.Tensor:
     """What a model of the given prediction type should output for (x0, eps, t)."""
     _check_prediction(prediction)

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["atomic_folder", "recover", "write_json", "read_json", "save_state", "load_state",
-           "optimizer_state_to_tensors", "optimizer_state_from_tensors"]
+__all__ = ["atomic_folder", "recover", "write_json", "read_json", "save_state", "load_state", "save_tensors",
+           "load_tensors", "load_exact", "optimizer_state_to_tensors", "optimizer_state_from_tensors"]
 
 _RENAME_EXCHANGE = 2      # linux/fs.h: swap two existing paths in one step
 _AT_FDCWD = -100          # linux/fcntl.h: resolve relative paths from the current directory
@@ -150,7 +150,7 @@ def recover(path) -> Path:
 
 
 @contextmanager
-def atomic_folder(path) -> Iterator[Path]:
+def atomic_folder(path, keep: tuple = ()) -> Iterator[Path]:
     """Write a folder all-or-nothing: files go into a hidden sibling that replaces `path` at the end.
 
     On normal exit every file and directory in the new folder is fsynced, the new folder takes
@@ -165,6 +165,8 @@ def atomic_folder(path) -> Iterator[Path]:
 
     Args:
         path: the folder to (re)write. Its parent is created if missing.
+        keep: names of files of the old folder to carry into the new one when the save does not
+            write them itself (a shipped folder's README.md, say).
 
     Yields:
         The empty temporary folder to write into.
@@ -182,6 +184,9 @@ def atomic_folder(path) -> Iterator[Path]:
     os.mkdir(tmp)   # not tempfile.mkdtemp: that makes it 0700, and the swapped-in folder keeps its mode
     try:
         yield tmp
+        for name in keep:
+            if (path / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(path / name, tmp / name)
         _fsync_tree(tmp)
         old = _swap(tmp, path)
     except BaseException:
@@ -246,7 +251,32 @@ def _for_safetensors(state: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_state(folder, config: dict, **state_dicts) -> Path:
+def save_tensors(path, state: dict) -> Path:
+    """Write one ``.safetensors`` file of a state dict (detached, CPU, contiguous, unshared); inside an
+    ``atomic_folder``, where the folder, not the file, is what becomes visible at once."""
+    save_file(_for_safetensors(state), str(path))
+    return Path(path)
+
+
+def load_tensors(path, device="cpu") -> dict[str, torch.Tensor]:
+    """Read one ``.safetensors`` file, with an error naming it when it is missing."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no weights file at {str(path)!r}")
+    return load_file(str(path), device=str(device))
+
+
+def load_exact(module: torch.nn.Module, state: dict, where, what: str) -> torch.nn.Module:
+    """Load ``state`` into ``module`` only if the names are exactly the module's; else a ValueError that
+    names ``where`` (the file), ``what`` (the model) and the first missing and unexpected keys."""
+    expected = set(module.state_dict())
+    if set(state) != expected:
+        raise ValueError(f"{where} does not fit {what}: missing {sorted(expected - set(state))[:5]}, "
+                         f"unexpected {sorted(set(state) - expected)[:5]}")
+    module.load_state_dict(state)
+    return module
+
+
+def save_state(folder, config: dict, *, keep: tuple = (), **state_dicts) -> Path:
     """Save `config.json` and one `{name}.safetensors` per keyword into `folder`, atomically.
 
     Tensors are detached, moved to the CPU and made contiguous; tensors sharing memory (tied
@@ -255,12 +285,13 @@ def save_state(folder, config: dict, **state_dicts) -> Path:
     Args:
         folder: the folder to (re)write, via `atomic_folder`.
         config: JSON-serialisable dict, written as ``config.json``.
+        keep: files of the old folder to carry over (see `atomic_folder`).
         **state_dicts: ``name=state_dict``; each is written as ``{name}.safetensors``.
     """
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, keep) as tmp:
         write_json(tmp / "config.json", config)
         for name, state in state_dicts.items():
-            save_file(_for_safetensors(state), str(tmp / f"{name}.safetensors"))
+            save_tensors(tmp / f"{name}.safetensors", state)
     return Path(folder)
 
 

@@ -12,25 +12,32 @@ Guidance contrasts the prompt with the null prompt (``null="empty"``: the encodi
 ``"zero"``: the zero vector, TLD's choice); train with the same null in the condition dropout.
 
 One folder holds it all: ``pipeline.json`` (schedule, sampler, null, the denoiser's preset and
-arguments), ``denoiser.safetensors``, ``text_encoder/`` and ``codec/``.
+arguments), ``denoiser.safetensors``, ``text_encoder/`` and ``codec/``. (The top file is
+``pipeline.json``, not ``config.json``, so a pipeline folder is told from a model folder at a glance,
+as diffusers' ``model_index.json`` does.) A save builds the whole folder beside the old one and swaps
+it in (``tld.io``): a failed save never pairs a new denoiser with old encoders.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .autoencoder import load_codec
+from . import io
+from .autoencoder import IdentityCodec, load_codec
 from .diffusion import get_schedule
+from .judge import held_out_captions, shapes_adherence
 from .models import create
-from .samplers import sample
+from .runs import encoder_folder, latest_checkpoint, load_model
+from .samplers import generate
 from .text import load_text_encoder, null_embedding
+from .viz import image_grid
 
-__all__ = ["TextToImage", "adherence_over_training", "main"]
+__all__ = ["TextToImage", "held_out_captions", "measure_adherence", "adherence_over_training", "main"]
 
 
 class TextToImage(nn.Module):
@@ -43,6 +50,8 @@ class TextToImage(nn.Module):
                              "can rebuild the denoiser, e.g. {'name': 'tld-course', 'num_classes': 0, ...}")
         if condition not in ("pooled", "tokens"):
             raise ValueError(f"condition must be 'pooled' or 'tokens', got {condition!r}")
+        if null not in ("empty", "zero"):
+            raise ValueError(f"null must be 'empty' (the empty prompt's encoding) or 'zero', got {null!r}")
         width = text_encoder.dim if condition == "pooled" else text_encoder.encode([""])[1].shape[-1]
         text_dim = getattr(denoiser, "text_dim", None)
         if text_dim is not None and text_dim != width:
@@ -69,12 +78,9 @@ class TextToImage(nn.Module):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         guidance = self.config["guidance"] if guidance is None else float(guidance)
         cond, null = self.condition(prompts)
-        d = self.denoiser
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.randn(len(prompts), d.in_chans, d.img_size, d.img_size, generator=g).to(self.device)
-        z = sample(d, noise, self.schedule, sampler=sampler or self.config["sampler"], steps=steps,
-                   prediction=self.config["prediction"], cond=cond,
-                   null_cond=null if guidance != 1.0 else None, guidance=guidance, generator=g, progress=progress)
+        z = generate(self.denoiser, self.schedule, prediction=self.config["prediction"], cond=cond, null_cond=null,
+                     steps=steps, sampler=sampler or self.config["sampler"], guidance=guidance, seed=seed,
+                     clamp=False, progress=progress)
         images = ((self.codec.decode(z).float().clamp(-1, 1) + 1) / 2).cpu()
         if output == "pt":
             return images
@@ -85,51 +91,47 @@ class TextToImage(nn.Module):
 
     @torch.no_grad()
     def condition(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond, null cond) as the denoiser reads them: pooled [B, D] or tokens [B, L, D]."""
-        n = len(prompts)
-        if self.config["condition"] == "pooled":
-            cond = self.text_encoder.encode(prompts)[0]
-            null = null_embedding(self.text_encoder, n, self.config["null"])
+        """(cond, null cond) as the denoiser reads them: pooled [B, D] or tokens [B, L, D].
+
+        ``null="zero"`` is the denoiser's own null condition (what training's dropout put in its
+        place); ``null="empty"`` is the encoding of the empty prompt, for encoders trained that way.
+        """
+        pooled, tokens, _ = self.text_encoder.encode(prompts)
+        cond = pooled if self.config["condition"] == "pooled" else tokens
+        if self.config["null"] == "zero":
+            null = self.denoiser.null_condition(cond)
+        elif self.config["condition"] == "pooled":
+            null = null_embedding(self.text_encoder, len(prompts), "empty")
         else:
-            cond = self.text_encoder.encode(prompts)[1]
-            empty = self.text_encoder.encode([""])[1].expand(n, -1, -1)
-            null = empty if self.config["null"] == "empty" else torch.zeros_like(empty)
+            null = self.text_encoder.encode([""])[1].expand(len(prompts), -1, -1)
         return cond.to(self.device), null.to(self.device)
 
     # -- one folder
     def save_pretrained(self, folder) -> Path:
-        from safetensors.torch import save_file
-
+        """Write the pipeline folder; the previous one stays loadable until the new one is complete."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.denoiser.state_dict().items()}
-        save_file(state, str(folder / "denoiser.safetensors.tmp"))
-        os.replace(folder / "denoiser.safetensors.tmp", folder / "denoiser.safetensors")
-        self.text_encoder.save_pretrained(folder / "text_encoder")
-        self.codec.save_pretrained(folder / "codec")
-        (folder / "pipeline.json").write_text(json.dumps({"type": "TextToImage", **self.config}, indent=2) + "\n")
+        with io.atomic_folder(folder) as tmp:
+            io.save_tensors(tmp / "denoiser.safetensors", self.denoiser.state_dict())
+            self.text_encoder.save_pretrained(tmp / "text_encoder")
+            self.codec.save_pretrained(tmp / "codec")
+            io.write_json(tmp / "pipeline.json", {"type": "TextToImage", **self.config})
         return folder
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu") -> TextToImage:
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
+        folder = io.recover(Path(folder))
         needed = ["pipeline.json", "denoiser.safetensors", "text_encoder", "codec"]
         missing = [f for f in needed if not (folder / f).exists()]
         if missing:
             raise FileNotFoundError(f"{str(folder)!r} is not a saved TextToImage pipeline: missing {', '.join(missing)}")
-        config = json.loads((folder / "pipeline.json").read_text())
+        config = io.read_json(folder / "pipeline.json")
         if config.pop("type", None) != "TextToImage":
             raise ValueError(f"{folder / 'pipeline.json'} does not describe a TextToImage pipeline")
         denoiser_config = config.pop("denoiser")
         spec = dict(denoiser_config)
         denoiser = create(spec.pop("name"), **spec)
-        state = load_file(str(folder / "denoiser.safetensors"))
-        missing_k, unexpected = denoiser.load_state_dict(state, strict=False)
-        if missing_k or unexpected:
-            raise ValueError(f"{folder / 'denoiser.safetensors'} does not fit the denoiser in pipeline.json: "
-                             f"missing {missing_k[:5]}, unexpected {unexpected[:5]}")
+        io.load_exact(denoiser, io.load_tensors(folder / "denoiser.safetensors"), folder / "denoiser.safetensors",
+                      "the denoiser in pipeline.json")
         return cls(denoiser.to(device), load_text_encoder(folder / "text_encoder", device),
                    load_codec(folder / "codec", device), denoiser_config=denoiser_config, **config)
 
@@ -138,8 +140,6 @@ class TextToImage(nn.Module):
                          model_kwargs: dict) -> TextToImage:
         """The pipeline a `python -m tld.train conditioning=text` run defines: its schedule, prediction and
         sampler, guidance against the zero vector (its dropout null), the pooled caption; pixels if no codec."""
-        from .autoencoder import IdentityCodec
-
         tc = train_config
         return cls(denoiser, text_encoder, codec if codec is not None else IdentityCodec(denoiser.in_chans),
                    denoiser_config={"name": tc["model"], **model_kwargs}, schedule=tc["schedule"],
@@ -152,8 +152,6 @@ class TextToImage(nn.Module):
 
         ``step=None`` takes the latest; ``which`` is "ema" (what samples should come from) or "model".
         """
-        from .train import encoder_folder, latest_checkpoint, load_model
-
         run_dir = Path(run_dir)
         if which not in ("ema", "model"):
             raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
@@ -177,20 +175,10 @@ class TextToImage(nn.Module):
                                     tc, denoiser.model_kwargs)
 
 
-def held_out_captions(n: int = 256, size: int = 32, seed: int | None = None) -> list[str]:
-    """Captions of shapes renders no tld training run uses (tld.evaluate.HELD_OUT_SEED by default)."""
-    from .data import ShapesDataset
-    from .evaluate import HELD_OUT_SEED
-
-    return ShapesDataset(size=size, seed=HELD_OUT_SEED if seed is None else seed, length=n).batch(range(n))["caption"]
-
-
 @torch.no_grad()
 def measure_adherence(pipe: TextToImage, n: int = 256, steps: int = 20, guidance: float | None = None,
                       batch: int = 64) -> dict:
     """shapes_adherence of `pipe` on n held-out captions (color, shape, position, all three)."""
-    from .evaluate import shapes_adherence
-
     captions = held_out_captions(n, size=pipe.denoiser.img_size * getattr(pipe.codec, "downsample", 1))
     images = torch.cat([pipe(captions[i:i + batch], steps=steps, guidance=guidance, seed=i)
                         for i in range(0, n, batch)])
@@ -217,8 +205,6 @@ def adherence_over_training(run_dir, n: int = 256, steps: int = 20, guidance: fl
 
 def main(argv=None) -> int:
     """python -m tld.pipeline PATH "a prompt" ... [--out grid.png]   |   python -m tld.pipeline PATH --adherence"""
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m tld.pipeline",
                                 description="Generate from a TextToImage folder (or a text training run), or "
                                             "measure its prompt adherence on held-out shapes captions.")
@@ -242,8 +228,6 @@ def main(argv=None) -> int:
         return 0
     if not args.prompts:
         p.error("give one or more prompts, or --adherence")
-    from .viz import image_grid
-
     pipe = TextToImage.from_pretrained(path) if is_pipeline else TextToImage.from_run(path)
     images = pipe(args.prompts, steps=args.steps, guidance=args.guidance, seed=args.seed)
     image_grid(images, nrow=min(len(images), 8), scale=4).save(args.out)

@@ -385,3 +385,39 @@ def sample(model, noise: torch.Tensor, schedule, *, sampler: str = "ddim", steps
         else:
             x = sample_dpmpp(denoiser, x, ts, schedule, order=int(sampler[-2]), **kw)
     return (x, traj) if return_trajectory else x
+
+
+@torch.no_grad()
+def generate(model, schedule, *, prediction: str, cond=None, n: int | None = None, steps: int = 50,
+             sampler: str = "ddim", guidance: float = 1.0, null_cond=None, seed: int = 0, clamp: bool = True,
+             progress: bool = False) -> torch.Tensor:
+    """Samples of a trained denoiser from fresh noise seeded by ``seed``: what the trainer's sample
+    grids, the pipelines and the evaluator all draw with.
+
+    Args:
+        model: a tld denoiser (it knows its ``in_chans`` and ``img_size``).
+        schedule: the schedule it was trained on (a name or a Schedule).
+        prediction: what it predicts: ``eps``, ``x0`` or ``v``.
+        cond: one condition per sample (labels [B], text [B, D] or [B, L, D]); None for unconditional.
+        n: how many samples when ``cond`` is None.
+        steps, sampler, guidance: as in ``sample``.
+        null_cond: what guidance contrasts with; by default the model's own null condition
+            (``model.null_condition(cond)``: the null class, or the zero vector for text).
+        seed: the noise and any sampler randomness come from one generator seeded with it.
+        clamp: clip the result to [-1, 1] (pixels); pass False for latents.
+    Returns:
+        x [B, C, H, W] on the model's device.
+    """
+    device = next(model.parameters()).device
+    if cond is None and n is None:
+        raise ValueError("generate needs cond (one condition per sample) or n (how many unconditional samples)")
+    n = len(cond) if cond is not None else n
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, model.in_chans, model.img_size, model.img_size, generator=g).to(device)
+    if cond is not None:
+        cond = cond.to(device)
+        if null_cond is None and guidance != 1.0:
+            null_cond = model.null_condition(cond)
+    x = sample(model, noise, schedule, sampler=sampler, steps=steps, prediction=prediction, cond=cond,
+               null_cond=null_cond, guidance=guidance, generator=g, progress=progress)
+    return x.clamp(-1, 1) if clamp else x

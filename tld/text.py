@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import io
 from .data import ShapesDataset
+from .optim import fit_one_cycle
 
 __all__ = ["train_bpe_tokenizer", "TinyCLIP", "clip_loss", "train_tiny_clip", "retrieval_accuracy",
            "CLIPText", "load_text_encoder", "null_embedding", "shapes_captions"]
@@ -186,38 +188,28 @@ class TinyCLIP(nn.Module):
         """Cosine similarity [n_prompts, n_images]."""
         return self.encode(prompts)[0] @ self.encode_images(images).T
 
-    # -- saving and loading: model.safetensors + config.json + tokenizer.json
+    # -- saving and loading: config.json + model.safetensors + tokenizer.json, one atomic folder (tld.io)
     def save_pretrained(self, folder) -> Path:
-        from safetensors.torch import save_file
-
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / "model.safetensors.tmp"))
-        os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
-        self.tokenizer.save(str(folder / "tokenizer.json"))
-        (folder / "config.json").write_text(json.dumps({"type": "TinyCLIP", **self.config}, indent=2) + "\n")
+        with io.atomic_folder(folder) as tmp:
+            io.save_tensors(tmp / "model.safetensors", self.state_dict())
+            self.tokenizer.save(str(tmp / "tokenizer.json"))
+            io.write_json(tmp / "config.json", {"type": "TinyCLIP", **self.config})
         return folder
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu") -> TinyCLIP:
-        from safetensors.torch import load_file
         from tokenizers import Tokenizer
 
-        folder = Path(folder)
+        folder = io.recover(Path(folder))
         missing = [f for f in ("config.json", "tokenizer.json", "model.safetensors") if not (folder / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{str(folder)!r} is not a saved TinyCLIP: missing {', '.join(missing)}")
-        config = json.loads((folder / "config.json").read_text())
+        config = io.read_json(folder / "config.json")
         if config.pop("type", None) != "TinyCLIP":
             raise ValueError(f"{folder / 'config.json'} does not describe a TinyCLIP")
         model = cls(Tokenizer.from_file(str(folder / "tokenizer.json")), **config)
-        state = load_file(str(folder / "model.safetensors"))
-        expected = set(model.state_dict())
-        if set(state) != expected:
-            raise ValueError(f"{folder / 'model.safetensors'} does not fit TinyCLIP: missing "
-                             f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
-        model.load_state_dict(state)
+        io.load_exact(model, io.load_tensors(folder / "model.safetensors"), folder / "model.safetensors", "TinyCLIP")
         return model.to(device).eval()
 
 
@@ -236,8 +228,6 @@ def clip_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor
 def train_tiny_clip(steps: int = 300, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                     image_size: int = 32, progress: bool = False, **config) -> TinyCLIP:
     """Train a TinyCLIP on fresh shapes renders (seeds 20_000 + seed..., never the held-out ones)."""
-    from .train import fit_one_cycle
-
     torch.manual_seed(seed)
     tokenizer = train_bpe_tokenizer(shapes_captions(seed=20_000 + seed))
     model = TinyCLIP(tokenizer, image_size=image_size, **config)
@@ -330,19 +320,18 @@ class CLIPText(nn.Module):
     def save_pretrained(self, folder) -> Path:
         """A pointer, not the weights: {'type': 'CLIPText', 'name': ...} (the weights stay where they are)."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(
-            {"type": "CLIPText", "name": self.name, "projection": self.projection,
-             "max_length": self.max_length}, indent=2) + "\n")
+        with io.atomic_folder(folder) as tmp:
+            io.write_json(tmp / "config.json", {"type": "CLIPText", "name": self.name, "projection": self.projection,
+                                                "max_length": self.max_length})
         return folder
 
 
 def load_text_encoder(folder, device="cpu"):
     """Whatever `save_pretrained` wrote into `folder`: a TinyCLIP, or a pointer to a CLIPText."""
-    config_file = Path(folder) / "config.json"
+    config_file = io.recover(Path(folder)) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no text encoder in {str(folder)!r}: config.json is missing")
-    config = json.loads(config_file.read_text())
+    config = io.read_json(config_file)
     if config.get("type") == "TinyCLIP":
         return TinyCLIP.from_pretrained(folder, device)
     if config.get("type") == "CLIPText":

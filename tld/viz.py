@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .diffusion import get_schedule
+
 __all__ = ["to_uint8", "image_grid", "show"]
 
 
@@ -90,8 +92,6 @@ def plot_schedules(schedules, n: int = 500, t_eps: float = 1e-3):
     lambda_t stays finite. Returns the figure.
     """
     import matplotlib.pyplot as plt
-
-    from .diffusion import get_schedule
 
     t = torch.linspace(t_eps, 1 - t_eps, n, dtype=torch.float64)
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))

@@ -25,8 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..blocks import AdaLNZeroBlock, Block, modulate
 from ..patch import PatchEmbed, check_patchable, sincos_2d, unpatchify
-from . import register
-from .common import check_inputs
+from .common import Conditioning, check_inputs
 
 
 def dit_timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0,
@@ -69,7 +68,43 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(Conditioning, nn.Module):
+    """A diffusion transformer on latent patches, conditioned by adaLN-Zero (Peebles & Xie 2023).
+
+    Called as ``model(x, t, cond)``: x [B, in_chans, img_size, img_size], t [B] in [0, 1] (a
+    scalar is broadcast), cond [B] labels (None when num_classes is 0); returns
+    [B, out_chans, img_size, img_size], out_chans = 2 * in_chans with learn_sigma, else in_chans.
+    The null condition (for guidance and label dropout) is ``self.null_condition(cond)``: the null
+    class, label num_classes, the extra row of the label table.
+
+    Args:
+        img_size: height and width of the input (latent) image; 32 for 256 px images through the
+            SD VAE, as in the paper.
+        patch_size: side of the square patches; img_size must be divisible by it (the /2 of DiT-XL/2).
+        in_chans: channels of the input latent (4 for the SD VAE).
+        embed_dim: width D of every token and of the condition vector c; divisible by 4 for the
+            fixed 2-D sin-cos position embedding of the patches.
+        depth: number of transformer blocks.
+        num_heads: attention heads per block; embed_dim must be divisible by it.
+        mlp_ratio: MLP hidden width as a multiple of embed_dim.
+        num_classes: number of class labels; the label table has num_classes + 1 rows (row
+            num_classes is the null class) and c = timestep embedding + label embedding.
+            0 makes the model unconditional (c is the timestep embedding alone).
+        learn_sigma: also predict the variance interpolation weights (Nichol & Dhariwal 2021):
+            2 * in_chans output channels, the noise prediction first.
+        conditioning: "adaln-zero" (the paper's choice: c modulates every block's LayerNorms and
+            gates) or "in-context" (time and label vectors as two extra tokens of plain ViT
+            blocks, paper section 3.2).
+        freq_shift: the timestep sinusoid's frequency shift: 0 in DiT's reference, 1 in diffusers'
+            DiT (``downscale_freq_shift=1``), for loading its weights exactly.
+        mlp_norm_eps: eps of the LayerNorm before each adaLN-Zero block's MLP: 1e-6 in the
+            reference, 1e-5 reproduces diffusers' DiT.
+        attn_backend: the attention kernel, "sdpa" (PyTorch's fused kernels), "xformers"
+            (memory-efficient attention, if installed) or "math" (written out; for teaching).
+        gradient_checkpointing: recompute block activations in the backward pass to save
+            memory (training only).
+    """
+
     def __init__(self, img_size: int = 32, patch_size: int = 2, in_chans: int = 4, embed_dim: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000,
                  learn_sigma: bool = True, conditioning: str = "adaln-zero", freq_shift: float = 0.0,
@@ -130,10 +165,6 @@ class DiT(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
     def condition(self, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """c = t_embedder(t) + y_embedder(label): the one vector every block is modulated by."""
         c = self.t_embedder(t)
@@ -162,15 +193,3 @@ class DiT(nn.Module):
             return checkpoint(blk, *args, use_reentrant=False)
         return blk(*args)
 
-
-# DiT Table 1: S/B/L/XL = width 384/768/1024/1152, depth 12/12/24/28, heads 6/12/16/16; ImageNet-256 latents.
-_SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1152, 28, 16)}
-_COUNTS = {"s": "32,963,360", "b": "130,512,416", "l": "458,102,816", "xl": "675,129,632"}
-for _name, (_d, _depth, _heads) in _SIZES.items():
-    register(f"dit-{_name}/2", "dit:DiT",
-             f"DiT-{_name.upper()}/2, latents 4x32x32, 1000 classes + null, learned sigma ({_COUNTS[_name]} params)",
-             img_size=32, patch_size=2, in_chans=4, embed_dim=_d, depth=_depth, num_heads=_heads,
-             num_classes=1000, learn_sigma=True)
-register("dit-course", "dit:DiT", "the CPU course DiT: shapes 32x32, 18 classes, adaLN-Zero",
-         img_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6, num_heads=4, num_classes=18,
-         learn_sigma=False)

@@ -30,8 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..blocks import CrossAttentionBlock
 from ..patch import LearnedPosEmbed, check_patchable, unpatchify
-from . import register
-from .common import check_inputs
+from .common import Conditioning, check_inputs
 
 
 def noise_embedding(sigma: torch.Tensor, dim: int, min_freq: float = 1.0, max_freq: float = 1000.0) -> torch.Tensor:
@@ -41,7 +40,46 @@ def noise_embedding(sigma: torch.Tensor, dim: int, min_freq: float = 1.0, max_fr
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
-class TLDNet(nn.Module):
+class TLDNet(Conditioning, nn.Module):
+    """The TLD denoiser: patch tokens cross-attending to a 2-token [noise level, condition] context.
+
+    Called as ``model(x, t, cond)``: x [B, in_chans, img_size, img_size], t [B] in [0, 1] (a
+    scalar is broadcast; sigma under ``rectified``), cond pooled text [B, text_dim] (None reads
+    as the zero vector) or, with num_classes, labels [B]; returns [B, in_chans, img_size, img_size].
+    The null condition (for guidance and label dropout) is ``self.null_condition(cond)``: the zero
+    vector [B, text_dim] for text models (the reference's); the null class, label num_classes,
+    for class models.
+
+    Args:
+        img_size: height and width of the input (latent) image.
+        patch_size: side of the square patches; img_size must be divisible by it. Patches enter
+            through Conv(C -> C p^2, stride p) -> LayerNorm -> Linear -> LayerNorm, plus a
+            learned 1-D position embedding over the (img_size / p)^2 tokens.
+        in_chans: channels of the input, and of the output.
+        embed_dim: width D of the patch tokens and of the two context tokens; divisible by head_dim.
+        depth: number of blocks, each self-attention -> cross-attention to the context -> MLP.
+        head_dim: channels per self-attention head: embed_dim // head_dim heads.
+        cross_heads: number of cross-attention heads (keys and values: the 2 context tokens);
+            4 in the reference.
+        mlp_ratio: MLP hidden width as a multiple of embed_dim.
+        noise_embed_dim: width of the noise-level sinusoid ([sin, cos] of 2 pi f t, f log-spaced
+            in [1, 1000]), mapped by Linear -> GELU -> Linear to D: the first context token.
+        text_dim: width of the pooled text embedding (768 for CLIP ViT-L/14), mapped by a Linear
+            to D: the second context token. Ignored when num_classes > 0.
+        num_classes: > 0 replaces the text by class labels: a table of num_classes + 1 rows
+            (row num_classes the null class) gives the second context token.
+        conv_mlp: the depthwise-conv MLP (1x1 -> depthwise 3x3 -> GELU -> 1x1 on the patch grid,
+            against blocky samples); False is the plain Linear -> GELU -> Linear (lesson 05).
+        norm: "post" (the reference's ``DecoderBlock``: x = LN(x + f(x))) or "pre"
+            (x = x + f(LN x), the usual, easier-to-train placement).
+        attn_proj: keep the attention output projections; the reference has none.
+        final_norm: a LayerNorm before the output Linear; the reference has none.
+        attn_backend: the attention kernel, "sdpa" (PyTorch's fused kernels), "xformers"
+            (memory-efficient attention, if installed) or "math" (written out; for teaching).
+        gradient_checkpointing: recompute block activations in the backward pass to save
+            memory (training only).
+    """
+
     def __init__(self, img_size: int = 32, patch_size: int = 2, in_chans: int = 4, embed_dim: int = 768,
                  depth: int = 12, head_dim: int = 64, cross_heads: int = 4, mlp_ratio: float = 4.0,
                  noise_embed_dim: int = 256, text_dim: int = 768, num_classes: int = 0, conv_mlp: bool = True,
@@ -80,10 +118,6 @@ class TLDNet(nn.Module):
         self.final_norm = nn.LayerNorm(embed_dim) if final_norm else nn.Identity()
         self.out_proj = nn.Linear(embed_dim, patch_dim)
 
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
     def context(self, t: torch.Tensor, cond: torch.Tensor | None, batch: int, dtype) -> torch.Tensor:
         """The 2-token context [noise-level embedding, condition embedding], LayerNorm'd: [B, 2, D]."""
         noise = self.noise_mlp(noise_embedding(t, self.noise_embed_dim).to(dtype))
@@ -110,9 +144,3 @@ class TLDNet(nn.Module):
         out = self.out_proj(self.final_norm(tokens))
         return unpatchify(out, self.patch_size, self.in_chans)
 
-
-register("tld-100m", "tldnet:TLDNet", "the TLD denoiser, latents 4x32x32, pooled CLIP 768 (101,164,352 params)",
-         img_size=32, patch_size=2, in_chans=4, embed_dim=768, depth=12, noise_embed_dim=256, text_dim=768)
-register("tld-course", "tldnet:TLDNet", "the CPU course TLD denoiser: shapes 32x32, 18 classes, cross-attention",
-         img_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6, head_dim=32, noise_embed_dim=64,
-         num_classes=18)

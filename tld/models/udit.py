@@ -29,8 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..blocks import attention
-from . import register
-from .common import check_inputs
+from .common import Conditioning, check_inputs
 from .dit import TimestepEmbedder
 
 
@@ -179,7 +178,42 @@ class UDiTBlock(nn.Module):
         return x
 
 
-class UDiT(nn.Module):
+class UDiT(Conditioning, nn.Module):
+    """A U-shaped DiT on feature maps whose attention runs on downsampled tokens (Tian et al. 2024).
+
+    Called as ``model(x, t, cond)``: x [B, in_chans, img_size, img_size], t [B] in [0, 1] (a
+    scalar is broadcast), cond [B] labels (None when num_classes is 0); returns
+    [B, out_chans, img_size, img_size], out_chans = 2 * in_chans with learn_sigma, else in_chans.
+    The null condition (for guidance and label dropout) is ``self.null_condition(cond)``: the null
+    class, label num_classes, the extra row of every label table.
+
+    Args:
+        img_size: height and width of the input (latent) image; divisible by 8 (two 2x
+            downsamplings, then stride-2 sub-grids). There is no patch size: a 3x3 conv stem
+            makes a C-channel map at full resolution.
+        in_chans: channels of the input latent (4 for the SD VAE).
+        embed_dim: width C of the first level; the levels are C at H x W, 2C at H/2, 4C at H/4,
+            and the decoder's last level stays at 2C (the reference).
+        num_heads: attention heads at every level; each width / num_heads must be divisible by 4
+            for RoPE-2D.
+        depth: blocks in each of the 5 stages (enc1 at C, enc2 at 2C, mid at 4C, dec2 at 2C,
+            dec1 at 2C); each block is two adaLN-Zero (downsampled attention, FFN) pairs, the
+            attention running within each of the map's four stride-2 sub-grids, with RoPE-2D.
+        mlp_ratio: FFN hidden width as a multiple of the level's width.
+        num_classes: number of class labels; each level has its own timestep embedder and label
+            table (num_classes + 1 rows, row num_classes the null class), summed into its c.
+            0 makes the model unconditional.
+        learn_sigma: also predict the variance interpolation weights (as DiT): 2 * in_chans
+            output channels, the noise prediction first.
+        rep: build the re-parameterisable training FFN (1x1 -> 1x1, GELU, identity + dw5 + dw3 +
+            dw1, 1x1 -> 1x1); ``merged()`` folds it into 1x1, GELU, dw5, 1x1 for inference.
+            False builds the merged FFN directly.
+        attn_backend: the attention kernel, "sdpa" (PyTorch's fused kernels), "xformers"
+            (memory-efficient attention, if installed) or "math" (written out; for teaching).
+        gradient_checkpointing: recompute block activations in the backward pass to save
+            memory (training only).
+    """
+
     def __init__(self, img_size: int = 32, in_chans: int = 4, embed_dim: int = 96, num_heads: int = 4,
                  depth: tuple = (2, 5, 8, 5, 2), mlp_ratio: float = 2.0, num_classes: int = 1000,
                  learn_sigma: bool = True, rep: bool = True, attn_backend: str = "sdpa",
@@ -241,10 +275,6 @@ class UDiT(nn.Module):
     def blocks(self):
         return [*self.enc1, *self.enc2, *self.mid, *self.dec2, *self.dec1]
 
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
     @torch.no_grad()
     def merged(self) -> UDiT:
         """A new U-DiT with every RepFFN folded into a MergedFFN, in eval mode; ``self`` is untouched."""
@@ -286,14 +316,3 @@ class UDiT(nn.Module):
             return checkpoint(blk, h, c, use_reentrant=False)
         return blk(h, c)
 
-
-# U-DiT Table 1 (the "U-DiT-S/B/L" of the reference's udit_models.py): latents 4x32x32, 1000 classes.
-register("udit-s", "udit:UDiT", "U-DiT-S, latents 4x32x32 (58,896,568 trained; 52,045,240 merged)",
-         img_size=32, in_chans=4, embed_dim=96, num_heads=4, num_classes=1000)
-register("udit-b", "udit:UDiT", "U-DiT-B, latents 4x32x32 (231,251,304 trained; 204,425,064 merged)",
-         img_size=32, in_chans=4, embed_dim=192, num_heads=8, num_classes=1000)
-register("udit-l", "udit:UDiT", "U-DiT-L, latents 4x32x32 (916,335,304 trained; 810,188,488 merged)",
-         img_size=32, in_chans=4, embed_dim=384, num_heads=16, num_classes=1000)
-register("udit-course", "udit:UDiT", "the CPU course U-DiT: shapes 32x32, 18 classes",
-         img_size=32, in_chans=3, embed_dim=32, num_heads=2, depth=(1, 1, 2, 1, 1), num_classes=18,
-         learn_sigma=False)

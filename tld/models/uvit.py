@@ -18,10 +18,51 @@ from torch.utils.checkpoint import checkpoint
 
 from ..blocks import Block, init_vit_weights, timestep_embedding
 from ..patch import LearnedPosEmbed, PatchEmbed, check_patchable, unpatchify
-from .common import check_inputs
+from .common import Conditioning, check_inputs
 
 
-class UViT(nn.Module):
+class UViT(Conditioning, nn.Module):
+    """A ViT on tokens of time, condition and patches, with long skips (Bao et al. 2023).
+
+    Called as ``model(x, t, cond)``: x [B, in_chans, img_size, img_size], t [B] in [0, 1] (a
+    scalar is broadcast), cond [B] labels, [B, text_len, text_dim] text tokens (also [B, text_dim]
+    when text_len is 1) or None; returns the prediction [B, in_chans, img_size, img_size].
+    The null condition (for guidance and label dropout) is ``self.null_condition(cond)``: the null
+    class, label num_classes, for class models; the zero vector of cond's shape for text models.
+
+    Args:
+        img_size: height and width of the input (latent) image.
+        patch_size: side of the square patches; img_size must be divisible by it.
+        in_chans: channels of the input, and of the output (no learned sigma).
+        embed_dim: width D of every token.
+        depth: nominal number of blocks; the network has depth // 2 shallow blocks, one middle
+            block and depth // 2 deep blocks, 2 * (depth // 2) + 1 in all (the reference's count).
+        num_heads: attention heads per block; embed_dim must be divisible by it.
+        mlp_ratio: MLP hidden width as a multiple of embed_dim.
+        qkv_bias: bias on the fused q/k/v projection (off by default, as in the reference).
+        num_classes: > 0 makes the model class-conditional: the label embedding is one token,
+            placed before the time token ([label, time, patches]). 0 for text or none.
+        class_dropout_null: give the label table one extra row, index num_classes, the null class
+            that guidance and label dropout need; False builds a model without a null class.
+        text_dim: > 0 makes the model text-conditional (exclusive with num_classes): each text
+            token [text_dim] goes through a Linear to D and enters after the time token
+            ([time, text tokens, patches]).
+        text_len: number of text tokens (77 for CLIP); sizes the position embedding.
+        conv: end the head (LayerNorm -> Linear -> unpatchify) with a 3x3 conv on the image,
+            as the reference does.
+        skip: how each deep block fuses its mirror shallow block's output at its entry:
+            "concat" is Linear(concat(deep, shallow)) (the reference), "add" is deep + shallow,
+            None drops the long skips.
+        mlp_time_embed: pass the time sinusoid through Linear(D, 4D) -> SiLU -> Linear(4D, D);
+            False (the reference's default) uses the raw sinusoid of 1000 t as the time token.
+        conv_mlp: make every MLP the depthwise-conv MLP (1x1 -> depthwise 3x3 -> GELU -> 1x1) on
+            the patch grid; the extra tokens (time, label, text) skip the conv.
+        attn_backend: the attention kernel, "sdpa" (PyTorch's fused kernels), "xformers"
+            (memory-efficient attention, if installed) or "math" (written out; for teaching).
+        gradient_checkpointing: recompute block activations in the backward pass to save
+            memory (training only).
+    """
+
     def __init__(self, img_size: int = 32, patch_size: int = 2, in_chans: int = 3, embed_dim: int = 512,
                  depth: int = 12, num_heads: int = 8, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  num_classes: int = 0, class_dropout_null: bool = True, text_dim: int = 0, text_len: int = 77,
@@ -44,6 +85,7 @@ class UViT(nn.Module):
             nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim))
             if mlp_time_embed else nn.Identity()
         )
+        self.has_null_class = bool(class_dropout_null)
         if num_classes:
             # one extra row, index num_classes, is the "no label" class for classifier-free guidance
             self.label_emb = nn.Embedding(num_classes + int(class_dropout_null), embed_dim)
@@ -66,10 +108,6 @@ class UViT(nn.Module):
         self.decoder_pred = nn.Linear(embed_dim, patch_size * patch_size * in_chans)
         self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
         self.apply(init_vit_weights)
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
 
     def _check_inputs(self, x, t, cond):
         t = check_inputs(self, x, t, cond, "U-ViT")

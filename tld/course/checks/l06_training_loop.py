@@ -10,7 +10,7 @@ from torch import nn
 
 from ... import diffusion
 from ...models import create
-from ...train import TrainConfig, ema_update, lr_at
+from ...optim import ema_update, lr_at
 from .common import CheckError, _call, _close, _compare, _flat, _gen, _ok, _scalar
 
 
@@ -50,11 +50,11 @@ def check_ema_update(fn) -> None:
 
         worst = max(worst, _compare("ema_update", _flat(ema), _flat(expected), case, atol=1e-6, rtol=1e-6,
                                     hint=hint))
-    _ok("ema_update", len(cases), "tld.train.ema_update", worst)
+    _ok("ema_update", len(cases), "tld.optim.ema_update", worst)
 
 
 def _lr_variant(step, lr, warmup, max_steps, ratio, plus_one=True, floor=True, clamp=True, from_warmup=True):
-    """tld.train.lr_at's formula with one piece switched off: the usual mistakes, for hints."""
+    """tld.optim.lr_at's formula with one piece switched off: the usual mistakes, for hints."""
     if step < warmup:
         return lr * (step + plus_one) / warmup
     start = warmup if from_warmup else 0
@@ -69,13 +69,13 @@ def check_lr_at(fn) -> None:
     cases = [(1e-3, 10, 100, 0.1), (2e-3, 0, 50, 0.0), (5e-4, 25, 40, 0.5), (1.0, 1, 7, 0.1)]
     worst = 0.0
     for lr, warmup, max_steps, ratio in cases:
-        cfg = TrainConfig(lr=lr, warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=ratio, lr_schedule="cosine")
         steps = range(max_steps + 4)  # a few steps past the end: the rate holds at its floor
         case = (f"lr {lr}, warmup_steps {warmup}, max_steps {max_steps}, min_lr_ratio {ratio}; "
                 f"steps 0..{max_steps + 3} (the index below is the step)")
         got = torch.stack([_scalar("lr_at", _call("lr_at", fn, case, s, lr, warmup, max_steps, ratio),
                                    f"{case}, step {s}") for s in steps])
-        expected = torch.tensor([lr_at(cfg, s) for s in steps], dtype=torch.float64)
+        expected = torch.tensor([lr_at(s, lr=lr, warmup_steps=warmup, max_steps=max_steps, schedule="cosine",
+                                       min_lr_ratio=ratio) for s in steps], dtype=torch.float64)
 
         def hint(got, exp, args=(lr, warmup, max_steps, ratio)):
             variants = [({"plus_one": False}, "count the current step in warmup: lr * (step + 1) / warmup_steps, "
@@ -93,7 +93,7 @@ def check_lr_at(fn) -> None:
                     "(max_steps - warmup) capped at 1, and lr * (r + (1 - r) * (1 + cos(pi p)) / 2)")
 
         worst = max(worst, _compare("lr_at", got, expected, case, atol=1e-12, rtol=1e-9, hint=hint))
-    _ok("lr_at", len(cases), "tld.train.lr_at", worst)
+    _ok("lr_at", len(cases), "tld.optim.lr_at", worst)
 
 
 def check_cfg_training_loss(fn) -> None:

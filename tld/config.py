@@ -1,0 +1,292 @@
+"""Training configuration: ``TrainConfig``, the presets, the GPU recipes, validation, and the one
+``key=value`` parser every command line here uses (``tld.train``, ``tld.evaluate``, ``tld.demo``).
+
+    cfg = config_from_args(["preset=smoke", "max_steps=50", "model.depth=4"])
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from . import diffusion
+from .models import PRESETS as MODEL_PRESETS
+from .optim import LR_SCHEDULES, lr_at
+
+__all__ = ["TrainConfig", "PRESETS", "GPU_RECIPES", "DATASETS", "CONDITIONINGS", "config_from_args", "validate",
+           "parse_key_values", "coerce_value", "parse_literal", "learning_rate"]
+
+DATASETS = ("shapes", "digits", "folder", "tensors")
+CONDITIONINGS = ("class", "none", "text")
+
+@dataclass
+class TrainConfig:
+    # model: a preset of tld.models, with constructor overrides (CLI: model.depth=8)
+    model: str = "uvit-course"
+    model_overrides: dict = field(default_factory=dict)
+    # data
+    dataset: str = "shapes"  # shapes | digits | folder | tensors
+    # dataset=folder: a folder of images with captions.jsonl/csv; dataset=tensors: a .safetensors file
+    # with "images" [N, C, H, W] (pixels in [-1, 1] or scaled latents) and "labels" [N] or "text" [N, D]
+    data_root: str = ""
+    image_size: int = 32
+    dataset_length: int = 1_000_000  # procedural datasets: how many distinct images
+    conditioning: str = "class"  # class | none | text (pooled text: a tensors file's, or text_encoder's)
+    # conditioning=text on captioned data (shapes, folder): the text encoder is "tinyclip" (trained here
+    # first, saved in out_dir/text_encoder) or a saved encoder's folder; the codec is "" (pixels),
+    # "tiny-vae" (trained here first, saved in out_dir/codec) or a saved codec's folder. Both run once
+    # over the first cache_items items into cache_dir (default out_dir/cache), which training then reads,
+    # and the run ends by saving a TextToImage pipeline in out_dir/pipeline.
+    text_encoder: str = ""
+    codec: str = ""
+    cache_dir: str = ""
+    cache_items: int = 20_000
+    encoder_steps: int = 300  # TinyCLIP training steps (text_encoder=tinyclip)
+    vae_steps: int = 800  # small VAE training steps (codec=tiny-vae)
+    class_dropout: float = 0.1  # classifier-free guidance: labels replaced by the null class
+    # diffusion
+    schedule: str = "vp-cosine"
+    prediction: str = "v"
+    time_sampler: str = "uniform"
+    # optimisation
+    batch_size: int = 64  # the GLOBAL batch; fixed whatever the number of processes
+    grad_accum: int = 1  # micro-batches per process per step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    lr_schedule: str = "cosine"  # constant | cosine
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    max_steps: int = 1000
+    max_minutes: float = 0.0  # stop training after this long (0: no time limit); cosine follows max_steps
+    stop_at: int = 0  # stop this run at this step (an interruption; the lr schedule still follows max_steps)
+    # speed and memory
+    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU only: ~100x slower on CPU)
+    gradient_checkpointing: bool = False
+    attn_backend: str = "sdpa"
+    compile: bool = False
+    # GPUs sum some gradients with atomics, so two identical runs differ in the last bits; this picks
+    # deterministic kernels only (slower), for bit-identical reruns and resumes on a GPU. A CPU is already.
+    deterministic: bool = False
+    threads: int = 0  # torch.set_num_threads (0: leave torch's default)
+    num_workers: int = 0
+    # output
+    out_dir: str = "runs/default"
+    log_every: int = 25
+    sample_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    sample_steps: int = 50
+    sample_sampler: str = "ddim"
+    sample_guidance: float = 1.0
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+
+
+PRESETS: dict[str, dict] = {
+    # seconds on a CPU: the tests' and papermill's preset
+    "smoke": dict(model="uvit-tiny", image_size=16, batch_size=16, max_steps=20, warmup_steps=5,
+                  log_every=5, sample_steps=5, out_dir="runs/smoke"),
+    # the course's CPU model (make demo): see data/pretrained/shapes-cond/README.md
+    # x0 prediction learns the shapes far sooner than v on this budget (measured at equal steps, shape
+    # accuracy of samples at step 750: x0 0.54, v 0.37; see data/pretrained/shapes-cond/README.md)
+    "cpu-demo": dict(model="uvit-course", image_size=32, batch_size=64, max_steps=1000, max_minutes=10,
+                     warmup_steps=50, lr=2e-3, prediction="x0", sample_guidance=3.0, out_dir="runs/demo",
+                     save_every=200),
+    # the course's text-to-image model (data/pretrained/shapes-t2i): the TLD denoiser cross-attending to
+    # TinyCLIP's pooled caption, on 16x16x4 latents of a small VAE (PSNR 38 dB on shapes); the recipe of
+    # cpu-demo otherwise. Trains its encoders first (~5 min), then ~45 min on one CPU thread. (U-ViT with
+    # the pooled caption as one token learned color but not position: position 0.17 at step 2000, where
+    # this model is at 1.00 by step 750; see data/pretrained/shapes-t2i/README.md)
+    "shapes-t2i": dict(model="tld-course", model_overrides={"patch_size": 2}, dataset="shapes", image_size=32,
+                       conditioning="text", text_encoder="tinyclip", codec="tiny-vae", cache_items=20_000,
+                       batch_size=64, max_steps=3000, warmup_steps=50, lr=2e-3, prediction="x0",
+                       class_dropout=0.1, sample_guidance=3.0, sample_steps=20, sample_sampler="dpm++2m",
+                       save_every=250, keep_checkpoints=20, out_dir="runs/shapes-t2i"),
+}
+
+# GPU recipes: the papers' optimiser, lr, weight decay, betas, EMA, warmup and batch (REFERENCES.md "Recipes").
+# They read a ``dataset=tensors`` file that is NOT shipped (CIFAR-10 pixels, ImageNet / text-image latents:
+# see GPU_RECIPES below for how to make one); on a machine without it they stop with a FileNotFoundError.
+PRESETS.update({
+    # U-ViT S/2 on CIFAR-10 (Bao et al. 2023, Table 7 / configs/cifar10_uvit_small.py): unconditional, eps, VP.
+    "uvit-s2-cifar10": dict(model="uvit-s/2", dataset="tensors", data_root="data/cifar10/train.safetensors",
+                            image_size=32, conditioning="none", schedule="vp-linear", prediction="eps",
+                            batch_size=128, lr=2e-4, weight_decay=0.03, beta1=0.99, beta2=0.999,
+                            warmup_steps=2500, lr_schedule="constant", ema_decay=0.9999, max_steps=500_000,
+                            mixed_precision="bf16", log_every=100, save_every=10_000, sample_every=10_000,
+                            sample_sampler="dpm++2m", sample_steps=50, out_dir="runs/uvit-s2-cifar10"),
+    # DiT-XL/2 on ImageNet-256 SD-VAE latents x 0.18215 (Peebles & Xie 2023): AdamW 1e-4, wd 0, constant lr,
+    # no warmup, EMA 0.9999, batch 256, label dropout 0.1. Ours predicts eps only (no learned sigma / VLB term).
+    "dit-xl2-imagenet": dict(model="dit-xl/2", model_overrides={"learn_sigma": False}, dataset="tensors",
+                             data_root="data/imagenet256-latents/train.safetensors", image_size=32,
+                             conditioning="class", class_dropout=0.1, schedule="vp-linear", prediction="eps",
+                             batch_size=256, lr=1e-4, weight_decay=0.0, beta1=0.9, beta2=0.999, warmup_steps=0,
+                             lr_schedule="constant", grad_clip=0.0, ema_decay=0.9999, max_steps=400_000,
+                             mixed_precision="bf16", log_every=100, save_every=20_000, sample_every=20_000,
+                             sample_sampler="ddim", sample_steps=50, sample_guidance=4.0,
+                             out_dir="runs/dit-xl2-imagenet"),
+    # TLD 100M, 256px text-to-image (apapiu/transformer_latent_diffusion): SDXL-VAE latents / 8 (4x32x32),
+    # pooled CLIP (768), x0 target, rectified schedule, sigma ~ Beta(1, 2.5), Adam 3e-4, EMA 0.999, batch 256,
+    # text dropped to the zero vector 15% of the time.
+    "tld-256": dict(model="tld-100m", dataset="tensors", data_root="data/text-latents/train.safetensors",
+                    image_size=32, conditioning="text", class_dropout=0.15, schedule="rectified", prediction="x0",
+                    time_sampler="beta", batch_size=256, lr=3e-4, weight_decay=0.0, beta1=0.9, beta2=0.999,
+                    warmup_steps=0, lr_schedule="constant", ema_decay=0.999, max_steps=260_000,
+                    mixed_precision="bf16", log_every=100, save_every=10_000, sample_every=10_000,
+                    sample_sampler="dpm++2m", sample_steps=20, sample_guidance=4.0, out_dir="runs/tld-256"),
+})
+
+GPU_RECIPES = """\
+GPU presets. Expected time on one A100-80GB in bf16, estimated from the training FLOPs per image
+(torch.utils.flop_counter, forward + backward) at 40% of the 312 TFLOP/s bf16 peak:
+
+  preset            model     data (a dataset=tensors file)                  batch  steps  GFLOP/img  ~1 A100
+  uvit-s2-cifar10   uvit-s/2  CIFAR-10 train, pixels in [-1, 1], 3x32x32      128   500K     73     ~11 h
+  dit-xl2-imagenet  dit-xl/2  ImageNet-256 SD-VAE latents x 0.18215, labels   256   400K    712     ~7 days
+  tld-256           tld-100m  SDXL-VAE latents / 8, pooled CLIP 'text' [768]  256   260K    139     ~21 h
+
+The tensors file is one .safetensors with "images" [N, C, H, W] float and "labels" [N] int (class presets)
+or "text" [N, 768] float (tld-256); make it once with the VAE and CLIP encoders (the latents cache of lesson 10).
+Launch on N GPUs of one machine (the global batch stays the preset's; add grad_accum=K if it does not fit):
+
+  accelerate launch --multi_gpu --num_processes N -m tld.train preset=dit-xl2-imagenet data_root=/path/file
+
+and on M machines: add --num_machines M --machine_rank R --main_process_ip HOST --main_process_port 29500.
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# key=value command lines
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_key_values(args: list[str], hint: str = " (for example: preset=smoke max_steps=100)") -> list[tuple]:
+    """``["key=value", ...]`` -> ``[(key, value), ...]`` in order; ``--max-steps=3`` reads as ``max_steps``.
+
+    Args:
+        args: the command-line words.
+        hint: appended to the error for a word without ``=`` (an example, or the usage line).
+    """
+    pairs = []
+    for arg in args:
+        if "=" not in arg:
+            raise ValueError(f"expected key=value, got {arg!r}{hint}")
+        k, v = arg.split("=", 1)
+        pairs.append((k.strip().lstrip("-").replace("-", "_"), v.strip()))
+    return pairs
+
+
+def coerce_value(value: str, kind: str):
+    """The text ``value`` as a ``kind`` (``bool``, ``int``, ``float``, ``dict`` or ``str``); ValueError if it is not one."""
+    if kind == "bool":
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"not a bool: {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    try:
+        if kind == "int":
+            return int(float(value)) if float(value).is_integer() else int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "dict":
+            return dict(ast.literal_eval(value))
+    except SyntaxError:
+        raise ValueError(f"not a {kind}: {value!r}") from None
+    return value
+
+
+def parse_literal(value: str):
+    """A model override's value: true/false/none, a Python literal (3, 0.5, (1, 2)), else the string."""
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def config_from_args(args: list[str]) -> TrainConfig:
+    """Build a config from ``preset=NAME key=value ...`` (later keys win)."""
+    pairs = parse_key_values(args)
+    values: dict = {}
+    for k, v in pairs:
+        if k == "preset":
+            if v not in PRESETS:
+                raise ValueError(f"unknown preset {v!r}; available: {', '.join(sorted(PRESETS))}")
+            values.update(PRESETS[v])
+    overrides = {}
+    names = {f.name: f for f in fields(TrainConfig)}
+    for k, v in pairs:
+        if k == "preset":
+            continue
+        if k.startswith("model."):
+            overrides[k[len("model."):]] = parse_literal(v)
+            continue
+        if k not in names:
+            raise ValueError(f"unknown config key {k!r}; valid keys: {', '.join(sorted(names))} "
+                             f"(and model.<arg> for model constructor overrides)")
+        values[k] = _coerce(names[k], v)
+    cfg = TrainConfig(**values)
+    cfg.model_overrides = {**cfg.model_overrides, **overrides}
+    validate(cfg)
+    return cfg
+
+
+def _coerce(f: dataclasses.Field, v: str):
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        return coerce_value(v, kind)
+    except ValueError:
+        raise ValueError(f"config key {f.name!r} expects a {kind}, got {v!r}") from None
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The config's learning rate at ``step`` (``tld.optim.lr_at`` with the config's arguments)."""
+    return lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                 schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def validate(cfg: TrainConfig) -> None:
+    choices = {
+        "dataset": DATASETS,
+        "conditioning": CONDITIONINGS,
+        "schedule": tuple(diffusion.SCHEDULES),
+        "prediction": diffusion.PREDICTIONS,
+        "time_sampler": diffusion.TIME_SAMPLERS,
+        "lr_schedule": LR_SCHEDULES,
+        "mixed_precision": ("no", "fp16", "bf16"),
+    }
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"{key}={getattr(cfg, key)!r} is not one of {allowed}")
+    if cfg.model not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {cfg.model!r}; available: {', '.join(sorted(MODEL_PRESETS))}")
+    for key in ("batch_size", "grad_accum", "max_steps"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.dataset == "folder" and not cfg.data_root:
+        raise ValueError("dataset=folder needs data_root=<folder with images and captions.jsonl/csv>")
+    if cfg.conditioning == "text" and cfg.dataset not in ("tensors", "shapes", "folder"):
+        raise ValueError(f"conditioning=text needs captions (dataset=shapes or folder) or a tensors file with a "
+                         f"'text' tensor, got dataset={cfg.dataset!r}")
+    if cfg.conditioning == "text" and cfg.dataset != "tensors" and not cfg.text_encoder:
+        raise ValueError(f"conditioning=text on dataset={cfg.dataset} needs text_encoder=tinyclip (trained "
+                         f"here) or text_encoder=<a saved text encoder's folder>")
+    if (cfg.text_encoder or cfg.codec) and not (cfg.conditioning == "text" and cfg.dataset != "tensors"):
+        raise ValueError(f"text_encoder and codec are used with conditioning=text on captioned data; got "
+                         f"conditioning={cfg.conditioning!r}, dataset={cfg.dataset!r}")
+    if cfg.cache_items < 1:
+        raise ValueError(f"cache_items must be >= 1, got {cfg.cache_items}")
