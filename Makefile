@@ -1,6 +1,7 @@
 # The two commands of the course, on a fresh machine with no GPU and no internet:
 #   make demo   train the CPU model (10 min) and write samples.png beside the reference model's
 #   make test   unit tests, notebooks under nbval, papermill and multi-process checks
+#   make lab    open the lessons in JupyterLab (installs it with the dev extras)
 #
 # Both create .venv, install torch first when it is missing (TORCH_SPEC, overridable: a plain
 # `torch` from PyPI pulls a multi-GB CUDA build), then this package with its dev extras.
@@ -13,7 +14,7 @@ PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.tld-installed
 TEST_ARGS   ?=
 
-.PHONY: install demo test test-fast notebooks lint course clean
+.PHONY: install demo test test-fast notebooks lint course course-installed lab clean
 
 install: $(STAMP)
 
@@ -38,6 +39,13 @@ notebooks: $(STAMP)
 
 course: $(STAMP)
 	$(PY) -m tld.course run --preset cpu
+
+# every lesson and solution from a wheel installed in a fresh venv, run outside the repo (the learner's path)
+course-installed: $(STAMP)
+	$(PY) -m tld.course run --preset cpu --installed
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
 
 lint: $(STAMP)
 	$(PY) -m ruff check tld tests

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tld import assets
 from tld.data import ShapesDataset
 from tld.evaluate import (
     PRETRAINED_DIR,
@@ -97,30 +98,24 @@ def test_training_from_scratch_reaches_99_percent_and_round_trips(tmp_path):
     assert isinstance(loaded, ShapesClassifier)
 
 
-def test_missing_shipped_weights_fall_back_to_training_and_caching(tmp_path, monkeypatch):
-    import tld.judge as ev  # where the classifier and its shipped-weights lookup live
+def test_a_missing_shipped_classifier_is_an_error_naming_it_not_a_retrained_one(tmp_path, monkeypatch):
+    import tld.judge as judge
 
-    calls = []
-
-    def quick_train(**kw):   # stands in for the ~20 s training run
-        calls.append(kw)
-        return ShapesClassifier()
-
-    monkeypatch.setattr(ev, "PRETRAINED_DIR", tmp_path / "not-installed")
-    monkeypatch.setattr(ev, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.setattr(ev, "train_shapes_classifier", quick_train)
-    first = ev.load_shapes_classifier()
-    assert (tmp_path / "cache" / "model.safetensors").is_file() and len(calls) == 1
-    ev._LOADED.clear()
-    ev.load_shapes_classifier()   # second time: from the cache, no training
-    assert len(calls) == 1 and isinstance(first, ShapesClassifier)
+    trained = []
+    monkeypatch.setattr(judge, "train_shapes_classifier", lambda **kw: trained.append(kw))
+    monkeypatch.setattr(assets, "ROOT", tmp_path / "site-packages-without-data")
+    judge._LOADED.clear()
+    with pytest.raises(FileNotFoundError, match="shapes-classifier.*reinstall"):
+        judge.load_shapes_classifier()
+    assert trained == []   # no silent fallback to a quickly trained, weaker judge
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        ev.load_shapes_classifier(tmp_path / "nowhere")
+        judge.load_shapes_classifier(tmp_path / "nowhere")
+    judge._LOADED.clear()
 
 
 # --------------------------------------------------------------------------- the evaluation CLI
 
-SHAPES_COND = Path(__file__).resolve().parent.parent / "data" / "pretrained" / "shapes-cond"
+SHAPES_COND = assets.path("shapes-cond")
 REPORT_FILES = ("report.json", "samples.png", "accuracy.png", "features.png")
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from tld import assets
 from tld.autoencoder import DiffusersVAE, IdentityCodec, tiny_vae_config
 from tld.models import create
 from tld.pipeline import TextToImage
@@ -174,12 +175,11 @@ def test_from_run_finds_encoders_given_as_folders(text_run, tmp_path):
 
 
 def test_the_shipped_text_to_image_model_follows_its_prompts():
-    """data/pretrained/shapes-t2i: at least 0.9 of held-out captions right in color, shape and position."""
-    from pathlib import Path
+    """The shipped shapes-t2i: at least 0.9 of held-out captions right in color, shape and position."""
 
     from tld.pipeline import measure_adherence
 
-    folder = Path(__file__).resolve().parent.parent / "data" / "pretrained" / "shapes-t2i"
+    folder = assets.path("shapes-t2i")
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size < 20 * 2**20, f"the shipped model is {size / 2**20:.1f} MB (limit 20 MB)"
     adh = measure_adherence(TextToImage.from_pretrained(folder), n=32, steps=20)

@@ -92,17 +92,17 @@ PRESETS: dict[str, dict] = {
     # seconds on a CPU: the tests' and papermill's preset
     "smoke": dict(model="uvit-tiny", image_size=16, batch_size=16, max_steps=20, warmup_steps=5,
                   log_every=5, sample_steps=5, out_dir="runs/smoke"),
-    # the course's CPU model (make demo): see data/pretrained/shapes-cond/README.md
+    # the course's CPU model (make demo): see tld/assets/shapes-cond/README.md
     # x0 prediction learns the shapes far sooner than v on this budget (measured at equal steps, shape
-    # accuracy of samples at step 750: x0 0.54, v 0.37; see data/pretrained/shapes-cond/README.md)
+    # accuracy of samples at step 750: x0 0.54, v 0.37; see tld/assets/shapes-cond/README.md)
     "cpu-demo": dict(model="uvit-course", image_size=32, batch_size=64, max_steps=1000, max_minutes=10,
                      warmup_steps=50, lr=2e-3, prediction="x0", sample_guidance=3.0, out_dir="runs/demo",
                      save_every=200),
-    # the course's text-to-image model (data/pretrained/shapes-t2i): the TLD denoiser cross-attending to
+    # the course's text-to-image model (tld/assets/shapes-t2i): the TLD denoiser cross-attending to
     # TinyCLIP's pooled caption, on 16x16x4 latents of a small VAE (PSNR 38 dB on shapes); the recipe of
     # cpu-demo otherwise. Trains its encoders first (~5 min), then ~45 min on one CPU thread. (U-ViT with
     # the pooled caption as one token learned color but not position: position 0.17 at step 2000, where
-    # this model is at 1.00 by step 750; see data/pretrained/shapes-t2i/README.md)
+    # this model is at 1.00 by step 750; see tld/assets/shapes-t2i/README.md)
     "shapes-t2i": dict(model="tld-course", model_overrides={"patch_size": 2}, dataset="shapes", image_size=32,
                        conditioning="text", text_encoder="tinyclip", codec="tiny-vae", cache_items=20_000,
                        batch_size=64, max_steps=3000, warmup_steps=50, lr=2e-3, prediction="x0",

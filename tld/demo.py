@@ -5,7 +5,7 @@
 
 It trains the class-conditional U-ViT on shapes with ``python -m tld.train preset=cpu-demo``,
 samples every class from its EMA weights and from the shipped reference checkpoint
-(``data/pretrained/shapes-cond``, made by the same command with a longer budget), judges color
+(``tld.assets.path("shapes-cond")``, made by the same command with a longer budget), judges color
 and shape with the small classifier of ``tld.evaluate``, and writes one picture of both.
 """
 
@@ -27,7 +27,7 @@ from .judge import shapes_accuracy
 from .runs import latest_checkpoint, load_model
 from .viz import to_uint8
 
-REFERENCE = assets.ROOT / "shapes-cond"
+REFERENCE = assets.ROOT / "shapes-cond"   # the shipped model (tld/assets)
 
 
 @torch.no_grad()
@@ -74,7 +74,7 @@ def labelled_grid(panels: list[tuple[str, torch.Tensor]], labels: torch.Tensor, 
 
 
 def export(checkpoint, dest) -> Path:
-    """Write a checkpoint's EMA weights and its config into ``dest`` (what ships in data/pretrained):
+    """Write a checkpoint's EMA weights and its config into ``dest`` (what ships in tld/assets):
     config.json + model.safetensors, atomically, keeping the folder's README.md."""
     src = Path(checkpoint)
     if (src / "checkpoints").exists():

@@ -1,7 +1,7 @@
 """Evaluation of a trained model: sample, score, report (lesson 13).
 
-    python -m tld.evaluate checkpoint=data/pretrained/shapes-cond n=72     # sample, score, report
-    python -m tld.evaluate train-classifier     # rebuild data/pretrained/shapes-classifier (~1 min)
+    python -m tld.evaluate checkpoint=shapes-cond n=72     # a shipped model by name, or any folder: sample, score, report
+    python -m tld.evaluate train-classifier     # rebuild tld/assets/shapes-classifier (~1 min)
 
 The scores come from `tld.judge` (the shapes classifier: color, shape, position adherence) and
 `tld.fid` (FID on classifier or Inception features); this module samples a checkpoint or a
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import io
+from . import assets, io
 from .config import coerce_value, parse_key_values
 from .data import DEFAULT_COLORS, ShapesDataset, parse_caption
 from .fid import (
@@ -30,7 +30,6 @@ from .fid import (
     inception_available,
 )
 from .judge import (
-    CACHE_DIR,
     HELD_OUT_SEED,
     PRETRAINED_DIR,
     ShapesClassifier,
@@ -53,7 +52,7 @@ __all__ = [
     "ShapesClassifier", "train_shapes_classifier", "classifier_accuracy",
     "save_shapes_classifier", "load_shapes_classifier", "shapes_accuracy", "shapes_adherence",
     "fid", "frechet_distance", "feature_statistics", "image_features", "inception_available",
-    "HELD_OUT_SEED", "held_out_captions", "FID_FEATURES", "CACHE_DIR", "PRETRAINED_DIR",
+    "HELD_OUT_SEED", "held_out_captions", "FID_FEATURES", "PRETRAINED_DIR",
     # evaluating a checkpoint
     "evaluate_checkpoint", "eval_config_from_args", "load_for_eval", "generate_for_eval", "format_summary", "main",
 ]
@@ -99,15 +98,16 @@ def eval_config_from_args(args: list[str]) -> dict:
         raise ValueError(f"unknown sampler {cfg['sampler']!r}; valid samplers: {', '.join(SAMPLERS)}")
     if cfg["features"] not in FID_FEATURES:
         raise ValueError(f"unknown features {cfg['features']!r}; valid features: {', '.join(FID_FEATURES)}")
-    if not Path(cfg["checkpoint"]).exists():
+    if not assets.resolve(cfg["checkpoint"]).exists():
         raise FileNotFoundError(f"checkpoint {cfg['checkpoint']!r} does not exist; pass a run or checkpoint folder "
-                                "(tld.train.load_model) or a text-to-image pipeline folder (with pipeline.json)")
+                                "(tld.runs.load_model), a text-to-image pipeline folder (with pipeline.json), or a "
+                                f"shipped model's name ({', '.join(assets.SHIPPED)})")
     return cfg
 
 
 def load_for_eval(path):
     """('text', TextToImage) for a pipeline folder (or a text run holding one), else ('class', model)."""
-    path = Path(path)
+    path = assets.resolve(path)
     for folder in (path, path / "pipeline"):
         if (folder / "pipeline.json").is_file():
             return "text", TextToImage.from_pretrained(folder)
@@ -200,7 +200,10 @@ def evaluate_checkpoint(checkpoint, n: int, steps: int = 20, guidance: float = 3
 
 
     t0 = time.perf_counter()
-    out = Path(out) if out else Path(checkpoint) / "eval"
+    if not out:   # beside a run's checkpoints; for a shipped model, in ./eval/<name> (never inside the package)
+        out = Path("eval") / str(checkpoint) if str(checkpoint) in assets.SHIPPED and not Path(checkpoint).exists() \
+            else Path(checkpoint) / "eval"
+    out = Path(out)
     kind, gen = load_for_eval(checkpoint)
     t1 = time.perf_counter()
     images, asked = generate_for_eval(kind, gen, n, steps, guidance, sampler, seed, batch_size, progress)

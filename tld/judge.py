@@ -5,7 +5,7 @@ that with what was asked, and `shapes_adherence` does it for captions. It is tra
 several sizes (16..32 px) plus a little noise, so it judges samples from a model trained at 16, 24
 or 32 px alike. Its penultimate features are also the offline FID's features (`tld.fid`).
 
-    python -m tld.evaluate train-classifier     # rebuild data/pretrained/shapes-classifier (~1 min)
+    python -m tld.evaluate train-classifier     # rebuild tld/assets/shapes-classifier (~1 min)
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ __all__ = [
 
 HELD_OUT_SEED = 777   # real images and captions for evaluation; no training set or test uses it
 PRETRAINED_DIR = assets.ROOT / "shapes-classifier"
-CACHE_DIR = Path.home() / ".cache" / "tld" / "shapes-classifier"
 
 # --------------------------------------------------------------------------- the classifier
 
@@ -163,19 +162,12 @@ _LOADED: dict = {}
 
 
 def load_shapes_classifier(path=None, device="cpu") -> ShapesClassifier:
-    """The shipped classifier (`data/pretrained/shapes-classifier`), loaded once per process.
-
-    If the shipped files are missing (say, a non-editable install), train one
-    (~20 s) and cache it under ~/.cache/tld/shapes-classifier.
-    """
-    folder = Path(path) if path is not None else PRETRAINED_DIR
-    if path is not None and not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no model.safetensors in {str(folder)!r}")
+    """The shipped classifier (``tld.assets.path("shapes-classifier")``), or the one saved in ``path``;
+    loaded once per process. A missing one is an error that names it, never a quietly retrained one."""
+    folder = Path(path) if path is not None else assets.path("shapes-classifier")
     if not (folder / "model.safetensors").is_file():
-        folder = CACHE_DIR
-        if not (folder / "model.safetensors").is_file():
-            print(f"tld: shapes classifier weights not found; training one and caching it in {folder}")
-            save_shapes_classifier(train_shapes_classifier(), folder)
+        raise FileNotFoundError(f"no model.safetensors in {str(folder)!r} (a saved shapes classifier holds "
+                                "config.json + model.safetensors: python -m tld.evaluate train-classifier --out DIR)")
     key = (str(folder.resolve()), str(device))
     if key not in _LOADED:
         _LOADED[key] = _load_from(folder).to(device)

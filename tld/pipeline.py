@@ -1,6 +1,6 @@
 """Text-to-image in one object (lesson 10): text encoder + denoiser + codec + schedule + sampler.
 
-    pipe = TextToImage.from_pretrained("data/pretrained/shapes-t2i")
+    pipe = TextToImage.from_pretrained(tld.assets.path("shapes-t2i"))
     images = pipe(["a red circle at the top left"], steps=20, guidance=3.0, seed=0)   # [B, 3, H, W] in [0, 1]
 
 The denoiser is any tld model conditioned on text. ``condition="pooled"`` (TLD's cross-attention
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import io
+from . import assets, io
 from .autoencoder import IdentityCodec, load_codec
 from .diffusion import get_schedule
 from .judge import held_out_captions, shapes_adherence
@@ -208,7 +208,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tld.pipeline",
                                 description="Generate from a TextToImage folder (or a text training run), or "
                                             "measure its prompt adherence on held-out shapes captions.")
-    p.add_argument("path", help="a pipeline folder (pipeline.json) or a text-conditioned training run")
+    p.add_argument("path", help="a pipeline folder (pipeline.json), a text-conditioned training run, or a "
+                                "shipped pipeline's name (shapes-t2i)")
     p.add_argument("prompts", nargs="*", help="prompts to draw")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's")
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
     p.add_argument("--adherence", action="store_true", help="score n held-out captions (every checkpoint of a run)")
     p.add_argument("--n", type=int, default=256)
     args = p.parse_args(argv)
-    path = Path(args.path)
+    path = assets.resolve(args.path)
     is_pipeline = (path / "pipeline.json").is_file()
     if args.adherence:
         if is_pipeline:

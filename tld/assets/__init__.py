@@ -3,14 +3,16 @@
     from tld import assets
     assets.path("shapes-t2i")        # the folder; FileNotFoundError saying how to get it when absent
 
-Each shipped folder holds a README with the exact command that made it and its measured quality.
+They are package data: a clone and an installed wheel (pip, Colab) both carry them, found from any
+working directory, offline. Each folder holds a README with the exact command that made it and its
+measured quality. There is no fallback to a weaker model: a missing one is an error.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["SHIPPED", "ROOT", "path", "available"]
+__all__ = ["SHIPPED", "ROOT", "path", "available", "resolve"]
 
 # name: what it is (and the command that rebuilds it)
 SHIPPED = {
@@ -20,7 +22,7 @@ SHIPPED = {
     "shapes-classifier": "the shapes classifier that judges samples (python -m tld.evaluate train-classifier)",
 }
 
-ROOT = Path(__file__).resolve().parent.parent / "data" / "pretrained"
+ROOT = Path(__file__).resolve().parent
 
 
 def available(name: str) -> bool:
@@ -34,9 +36,19 @@ def path(name: str) -> Path:
     _check(name)
     folder = ROOT / name
     if not folder.is_dir():
-        raise FileNotFoundError(f"the shipped model {name!r} ({SHIPPED[name]}) is not at {folder}; it comes with "
-                                f"a clone of the course repository (data/pretrained/{name})")
+        raise FileNotFoundError(
+            f"the shipped model {name!r} ({SHIPPED[name]}) is missing: expected it at {folder}. It is package "
+            f"data of tld-course; reinstall the package (pip install --force-reinstall 'tld-course @ "
+            f"git+https://github.com/tld-course/tld'), or rebuild it with the command above")
     return folder
+
+
+def resolve(path_or_name) -> Path:
+    """A folder given on a command line: an existing path as it is, else the shipped model of that name."""
+    p = Path(path_or_name)
+    if p.exists() or str(path_or_name) not in SHIPPED:
+        return p
+    return path(str(path_or_name))
 
 
 def _check(name: str) -> None:
