@@ -76,3 +76,16 @@ def test_conv_mlp_mixes_neighbouring_patches_and_plain_mlp_does_not():
         diff = (blk.mlp(x) - blk.mlp(y)).abs().sum(-1)[0]
         assert (diff[[0, 1, 2, 4, 6, 8, 9, 10]] > 0).all() == expect_spread  # its 8 neighbours
         assert diff[15] == 0  # a far token is untouched either way
+
+
+def test_tld_100m_is_pre_norm_like_the_current_reference_and_post_norm_costs_the_same():
+    from tld.models import PRESETS
+
+    assert PRESETS["tld-100m"].kwargs["norm"] == "pre"
+    assert count_on_meta("tld-100m") == count_on_meta("tld-100m", norm="post") == 101_164_352
+    torch.manual_seed(0)
+    pre = create("tld-course", num_classes=0, text_dim=8, depth=1, norm="pre")
+    post = create("tld-course", num_classes=0, text_dim=8, depth=1, norm="post")
+    post.load_state_dict(pre.state_dict())   # the same weights, placed differently
+    x, t, text = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 0.8]), torch.randn(2, 8)
+    assert (pre(x, t, text) - post(x, t, text)).abs().max() > 1e-3

@@ -16,8 +16,8 @@ LAYERS = {
     "io": 0, "assets": 0, "diffusion": 0, "patch": 0, "blocks": 0, "data": 0, "viz": 0,
     # 1: denoisers (one preset table), samplers (with the one `generate`), optimisation
     "models": 1, "samplers": 1, "optim": 1, "gmm": 1,
-    # 2: encoders, caches, run folders, the judge (shapes classifier, adherence), FID
-    "text": 2, "autoencoder": 2, "cache": 2, "runs": 2, "judge": 2, "fid": 2,
+    # 2: encoders, caches, run folders, the judges (shapes classifier and adherence; the geometric reader), FID
+    "text": 2, "autoencoder": 2, "cache": 2, "runs": 2, "judge": 2, "geometry": 2, "fid": 2,
     # 3: the text-to-image pipeline; the training config, presets and the one key=value parser
     "pipeline": 3, "config": 3,
     # 4: the training loop; 5: evaluating a checkpoint; 6: tools on top

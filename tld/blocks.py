@@ -275,8 +275,9 @@ class AdaLNZeroBlock(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """TLD block: self-attention -> cross-attention to a context -> MLP, each with a residual.
 
-    ``norm="post"`` is the TLD reference (x = LN(x + f(x)), apapiu/transformer_latent_diffusion
-    ``DecoderBlock``); ``norm="pre"`` (x = x + f(LN x)) is the usual, easier-to-train choice.
+    ``norm="pre"`` (x = x + f(LN x)) is the TLD reference's current block (apapiu/transformer_latent_diffusion,
+    "add pre norm", February 2024) and the usual, easier-to-train choice; ``norm="post"`` (x = LN(x + f(x)))
+    is the reference's earlier ``DecoderBlock``.
     ``attn_proj=False`` drops the attention output projections, as the reference does.
     With ``conv_mlp_grid`` the MLP is the depthwise-conv MLP (``ConvMlp``).
     """

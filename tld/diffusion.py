@@ -1,9 +1,10 @@
 """Forward diffusion in continuous time t in [0, 1]: schedules, noising, prediction targets.
 
 Every schedule writes a noisy sample as ``x_t = alpha_t * x0 + sigma_t * eps`` and exposes
-``alpha(t)``, ``sigma(t)``, ``log_snr(t)`` (lambda_t = log(alpha_t^2 / sigma_t^2)) and the
-inverse ``t_from_log_snr(lambda_t)``. Schedules compute in float64 and return the dtype of
-``t``, so samplers that step in lambda stay accurate in float32 models.
+``alpha(t)``, ``sigma(t)``, ``log_snr(t)`` = log(alpha_t^2 / sigma_t^2) and the inverse
+``t_from_log_snr``. (DPM-Solver's lambda_t = log(alpha_t / sigma_t) is half of it, and only the
+samplers use that name.) Schedules compute in float64 and return the dtype of ``t``, so samplers
+that step in log-SNR stay accurate in float32 models.
 
 Schedules (lesson 01):
 
@@ -68,13 +69,13 @@ class Schedule:
         return _out(torch.exp(0.5 * self._log_sigma2(t.double())), t)
 
     def log_snr(self, t) -> torch.Tensor:
-        """lambda_t = log(alpha_t^2 / sigma_t^2); strictly decreasing in t."""
+        """log(alpha_t^2 / sigma_t^2); strictly decreasing in t."""
         t = _as_tensor(t)
         td = t.double()
         return _out(self._log_alpha2(td) - self._log_sigma2(td), t)
 
     def t_from_log_snr(self, lam) -> torch.Tensor:
-        """The inverse of ``log_snr``: the time at which lambda_t equals ``lam``."""
+        """The inverse of ``log_snr``: the time at which the log-SNR equals ``lam``."""
         lam = _as_tensor(lam)
         return _out(self._t_from_log_snr(lam.double()), lam)
 
@@ -110,7 +111,7 @@ class VPLinear(Schedule):
 
     def _t_from_log_snr(self, lam):
         g = self._grid_log_alpha2.to(lam.device)
-        la2 = torch.nn.functional.logsigmoid(lam)  # log alpha^2 = log sigmoid(lambda) for VP
+        la2 = torch.nn.functional.logsigmoid(lam)  # log alpha^2 = log sigmoid(log_snr) for VP
         # g is decreasing: search on its negation, then interpolate linearly in the segment.
         neg = (-g).contiguous()
         idx = torch.searchsorted(neg, (-la2).contiguous().reshape(-1)).reshape(la2.shape)
@@ -164,7 +165,7 @@ class Rectified(Schedule):
         return 2 * torch.log(t)
 
     def _t_from_log_snr(self, lam):
-        # lambda = 2 log((1 - t) / t)  =>  t = sigmoid(-lambda / 2)
+        # log_snr = 2 log((1 - t) / t)  =>  t = sigmoid(-log_snr / 2)
         return torch.sigmoid(-lam / 2)
 
 

@@ -55,6 +55,13 @@ class GMM:
         weights = 0.5 + torch.rand(k, generator=g, dtype=torch.float64)
         return cls(means, stds, weights)
 
+    def log_prob(self, x) -> torch.Tensor:
+        """The exact log-density log p(x) [N] of points x [N, dim] (float64)."""
+        x = torch.as_tensor(x, dtype=torch.float64).reshape(-1, self.dim)
+        var = self.stds**2
+        d2 = ((x[:, None, :] - self.means) ** 2).sum(-1)
+        return torch.logsumexp(self.log_w - 0.5 * d2 / var - 0.5 * self.dim * torch.log(2 * math.pi * var), dim=1)
+
     def sample(self, n: int, generator=None) -> torch.Tensor:
         k = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)

@@ -86,10 +86,10 @@ def show(images, nrow: int = 8, labels=None, size: float = 1.4, title=None, font
 
 
 def plot_schedules(schedules, n: int = 500, t_eps: float = 1e-3):
-    """alpha_t, sigma_t and lambda_t = log-SNR against t, one line per schedule, in 3 panels.
+    """alpha_t, sigma_t and log_snr(t) = log(alpha_t^2 / sigma_t^2) against t, one line per schedule, in 3 panels.
 
     `schedules` is a list of names or schedule objects; t runs over [t_eps, 1 - t_eps] so that
-    lambda_t stays finite. Returns the figure.
+    the log-SNR stays finite. Returns the figure.
     """
     import matplotlib.pyplot as plt
 
@@ -98,7 +98,7 @@ def plot_schedules(schedules, n: int = 500, t_eps: float = 1e-3):
     for s in map(get_schedule, schedules):
         for ax, fn in zip(axes, (s.alpha, s.sigma, s.log_snr)):
             ax.plot(t.numpy(), fn(t).numpy(), label=s.name)
-    for ax, title in zip(axes, (r"$\alpha_t$ (signal)", r"$\sigma_t$ (noise)", r"$\lambda_t=\log(\alpha_t^2/\sigma_t^2)$")):
+    for ax, title in zip(axes, (r"$\alpha_t$ (signal)", r"$\sigma_t$ (noise)", r"$\mathrm{logSNR}_t=\log(\alpha_t^2/\sigma_t^2)$")):
         ax.set_title(title)
         ax.set_xlabel("t")
         ax.grid(alpha=0.3)

@@ -11,9 +11,12 @@ The reference predicts x0 under the ``rectified`` schedule x_t = (1 - sigma) x0 
 with sigma ~ Beta(1, 2.5): train it with ``schedule=rectified prediction=x0``. Here the model
 is told t, and for ``rectified`` t is sigma.
 
-Reference choices kept in ``tld-100m`` (101,164,352 parameters): post-norm blocks, no attention
-output projection, no final norm, 4 cross-attention heads. Options: ``norm="pre"``,
-``attn_proj=True``, ``final_norm=True``, ``conv_mlp=False`` (the plain MLP, for lesson 05).
+Reference choices kept in ``tld-100m`` (101,164,352 parameters): pre-norm blocks (the reference's
+current ``tld/transformer_blocks.py``, since its February 2024 commit "add pre norm"; earlier versions
+were post-norm), no attention output projection, no final norm, 4 cross-attention heads. Options:
+``norm="post"`` (the earlier reference, same parameter count), ``attn_proj=True``, ``final_norm=True``,
+``conv_mlp=False`` (the plain MLP, for lesson 05). The class default stays ``norm="post"``: the course
+presets and the shipped ``shapes-t2i`` were trained with it, and their saved configs do not name it.
 
 Conditions: ``text_dim`` > 0 takes pooled text [B, text_dim] (``None`` is the null condition,
 the zero vector, as in the reference's guidance dropout); ``num_classes`` > 0 takes labels [B]
@@ -70,8 +73,9 @@ class TLDNet(Conditioning, nn.Module):
             (row num_classes the null class) gives the second context token.
         conv_mlp: the depthwise-conv MLP (1x1 -> depthwise 3x3 -> GELU -> 1x1 on the patch grid,
             against blocky samples); False is the plain Linear -> GELU -> Linear (lesson 05).
-        norm: "post" (the reference's ``DecoderBlock``: x = LN(x + f(x))) or "pre"
-            (x = x + f(LN x), the usual, easier-to-train placement).
+        norm: "pre" (x = x + f(LN x): the reference's current blocks, and ``tld-100m``'s) or "post"
+            (x = LN(x + f(x)): the reference before February 2024, and the course presets'). The
+            same LayerNorms either way, so the same parameter count.
         attn_proj: keep the attention output projections; the reference has none.
         final_norm: a LayerNorm before the output Linear; the reference has none.
         attn_backend: the attention kernel, "sdpa" (PyTorch's fused kernels), "xformers"

@@ -1,0 +1,51 @@
+"""Claims of tld.geometry, the strict reader: it reads real shapes right and passes them, fails deliberately
+distorted ones that the shapes classifier accepts, and shares nothing with that classifier."""
+
+import pytest
+import torch
+
+from tld.data import SHAPES, ShapesDataset
+from tld.geometry import DISTORTIONS, distorted_batch, fit_shapes, geometric_accuracy, strict_iou
+from tld.judge import shapes_accuracy
+
+
+@pytest.mark.parametrize("size", [32, 16])
+def test_real_renders_are_read_right_and_pass_the_strict_bar(size):
+    b = ShapesDataset(size=size, seed=3, length=150).batch(range(150))
+    acc = geometric_accuracy(b["image"], b["shape"])
+    assert acc["shape"] >= 0.99 and acc["strict"] >= 0.99, acc
+    assert acc["iou"] > strict_iou(size) + 0.01
+
+
+@pytest.mark.parametrize("kind", DISTORTIONS)
+def test_distorted_shapes_fail_the_strict_bar(kind):
+    x, imitates = distorted_batch(kind, 48, seed=4)
+    acc = geometric_accuracy(x, imitates)
+    assert acc["strict"] <= 0.15, (kind, acc)
+
+
+def test_the_classifier_accepts_distortions_that_the_strict_reader_rejects():
+    # octagons for circles, rounded squares and lobed blobs: a lenient judge calls most of them right
+    for kind in ("octagon circle", "rounded square", "blob"):
+        x, imitates = distorted_batch(kind, 48, seed=5)
+        lenient = shapes_accuracy(x, imitates, [0] * len(x))["shape"]
+        strict = geometric_accuracy(x, imitates)["strict"]
+        assert lenient >= 0.7 and strict <= lenient - 0.5, (kind, lenient, strict)
+
+
+def test_fit_reports_one_iou_per_kind_and_a_perfect_render_fits_its_own_kind_best():
+    b = ShapesDataset(size=32, seed=6, length=12).batch(range(12))
+    fit = fit_shapes(b["image"])
+    assert fit["iou"].shape == (12, len(SHAPES)) and (fit["iou"] <= 1).all()
+    own = fit["iou"][torch.arange(12), b["shape"]]
+    assert torch.equal(fit["shape"], b["shape"]) and (own > 0.97).all(), own
+    assert (fit["wrong_pixels"][torch.arange(12), b["shape"]] <= 2).all()
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        fit_shapes(torch.zeros(2, 32, 32))
+    with pytest.raises(ValueError, match="unknown distortion"):
+        distorted_batch("wobbly")
+    with pytest.raises(ValueError, match="2 images but 3"):
+        geometric_accuracy(ShapesDataset(size=32).grid(2), [0, 1, 2])
