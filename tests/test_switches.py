@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -103,23 +102,32 @@ def test_math_and_sdpa_attention_train_to_the_same_loss(tmp_path):
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
-# --- mixed precision (GPU in practice; on a CPU only if bf16 autocast works and is quick) ----
+# --- mixed precision (GPU in practice; on a CPU when it has bf16 kernels) ---------------------
 
-def _bf16_cpu_usable() -> str:
+def bf16_unsupported_reason() -> str:
+    """Why bf16 cannot run on the trainer's device here, checked before the test ('' when it can).
+
+    Only the precise conditions: no bf16 kernels (a tiny autocast matmul probe fails or does not
+    give bf16), or a CPU without native bf16 (no AVX512-BF16 / AMX: emulated bf16 takes minutes;
+    TLD_TEST_BF16=1 runs it anyway). Anything the trainer does wrong afterwards fails the test.
+    """
+    if torch.cuda.is_available():
+        return "" if torch.cuda.is_bf16_supported() else "this GPU has no bf16 support"
+    a = torch.ones(4, 4)
     try:
-        model = create("uvit-tiny")
-        x, t = torch.randn(16, 3, 16, 16), torch.rand(16)
-        t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(x, t, torch.zeros(16, dtype=torch.long)).float().sum().backward()
-        seconds = time.perf_counter() - t0
-    except Exception as e:  # noqa: BLE001 - any failure means: not usable here
-        return f"bf16 autocast fails on this CPU: {e}"
-    return "" if seconds < 2.0 else f"bf16 autocast is too slow on this CPU ({seconds:.1f} s for a tiny step)"
+            out = a @ a
+    except RuntimeError as e:   # the probe only: a 4x4 matmul, not the code under test
+        return f"this CPU has no bf16 kernels: {e}"
+    if out.dtype != torch.bfloat16:
+        return f"bf16 autocast on this CPU leaves a matmul in {out.dtype}"
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported() and not os.environ.get("TLD_TEST_BF16"):
+        return "this CPU has no native bf16 (AVX512-BF16 / AMX); emulated it takes minutes: set TLD_TEST_BF16=1"
+    return ""
 
 
 def test_bf16_mixed_precision_trains_to_nearly_the_same_loss(tmp_path):
-    why = _bf16_cpu_usable()
+    why = bf16_unsupported_reason()
     if why:
         pytest.skip(why)
     T.train(smoke(tmp_path, "fp32", "max_steps=5"))
@@ -135,15 +143,27 @@ def test_bf16_mixed_precision_trains_to_nearly_the_same_loss(tmp_path):
 
 # --- torch.compile --------------------------------------------------------------------------
 
+def compile_unsupported_reason(backend: str) -> str:
+    """Why torch.compile(backend=...) cannot run here, checked before the test ('' when it can):
+    dynamo unsupported on this Python / platform, or the backend not registered in this torch."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile is not supported on this platform (Python {sys.version.split()[0]}, torch {torch.__version__})"
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        return f"torch.compile backend {backend!r} is not available in torch {torch.__version__}"
+    return ""
+
+
 def compiled_matches_eager(backend: str):
+    why = compile_unsupported_reason(backend)
+    if why:
+        pytest.skip(why)
     torch.manual_seed(0)
     model = create("uvit-tiny")
     loss_a, grads_a = loss_and_grads(model, False)
     compiled = torch.compile(model, backend=backend)
-    try:
-        loss_b, grads_b = loss_and_grads(compiled, False)
-    except Exception as e:  # noqa: BLE001 - an environment without a working toolchain
-        pytest.skip(f"torch.compile(backend={backend!r}) does not work here: {type(e).__name__}: {str(e)[:200]}")
+    loss_b, grads_b = loss_and_grads(compiled, False)   # any failure here is a failure, not a skip
     torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-5)
     assert len(grads_b) == len(grads_a)
     for k in grads_a:
