@@ -1,5 +1,7 @@
 """Samplers against the exact solution of the probability-flow ODE of a Gaussian mixture, and against diffusers."""
 
+import re
+
 import pytest
 import torch
 
@@ -162,3 +164,36 @@ def test_bad_sampler_arguments_name_the_bad_value():
         sample(model, noise, "vp-cosine", sampler="ddim", steps=0)
     with pytest.raises(ValueError, match="timesteps must decrease"):
         sample(model, noise, "vp-cosine", sampler="ddim", steps=2, timesteps=[0.1, 0.5, 0.9])
+
+
+# --- eta: each sampler's own, and the combinations that would be ignored are refused ----------
+
+def test_eta_defaults_to_each_samplers_own_and_ddpm_is_ddim_with_eta_1():
+    gmm = GMM.ring(4, std=0.1)
+    model = gmm.model("vp-cosine", "eps")
+    noise = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def run(sampler, **kw):
+        return sample(model, noise, "vp-cosine", sampler=sampler, steps=8, progress=False,
+                      generator=torch.Generator().manual_seed(1), **kw)
+
+    ddpm = run("ddpm")
+    torch.testing.assert_close(ddpm, run("ddim", eta=1.0), atol=0, rtol=0)
+    torch.testing.assert_close(ddpm, run("ddpm", eta=1.0), atol=0, rtol=0)
+    ddim = run("ddim")   # eta=None: deterministic DDIM, no noise drawn
+    torch.testing.assert_close(ddim, run("ddim", eta=0.0), atol=0, rtol=0)
+    torch.testing.assert_close(ddim, sample(model, noise, "vp-cosine", sampler="ddim", steps=8, progress=False),
+                               atol=0, rtol=0)
+    half = run("ddim", eta=0.5)
+    assert not torch.allclose(half, ddim) and not torch.allclose(half, ddpm)
+    # ddpm with another eta used to run eta=1 silently; now it says what to ask for instead
+    with pytest.raises(ValueError, match=r"DDIM with eta=1.*use sampler='ddim', eta=0.5"):
+        run("ddpm", eta=0.5)
+    with pytest.raises(ValueError, match=r"use sampler='ddim', eta=0"):
+        run("ddpm", eta=0)
+    # the ODE solvers add no noise: an eta there would be ignored, so it is refused (0 and None are fine)
+    for sampler in ("dpm++2m", "dpm++3m", "euler"):
+        with pytest.raises(ValueError, match=re.escape(repr(sampler)) + r".*adds no noise.*sampler='ddim', eta=0.3"):
+            run(sampler, eta=0.3)
+        torch.testing.assert_close(run(sampler, eta=0.0), run(sampler), atol=0, rtol=0)
+
