@@ -197,3 +197,38 @@ def test_eta_defaults_to_each_samplers_own_and_ddpm_is_ddim_with_eta_1():
             run(sampler, eta=0.3)
         torch.testing.assert_close(run(sampler, eta=0.0), run(sampler), atol=0, rtol=0)
 
+
+@pytest.mark.parametrize("schedule", ["vp-cosine", "rectified"])
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_one_ddim_step_has_the_mean_and_variance_of_the_formula(schedule, eta):
+    """One DDIM step t -> s from a fixed x_t, many times: x_s | x_t is Gaussian with
+
+        mean     alpha_s x0 + sqrt(sigma_s^2 - c^2) eps,   (x0, eps) = the exact denoiser at (x_t, t)
+        variance c^2 = eta^2 sigma_s^2 sigma_{t|s}^2 / sigma_t^2,   sigma_{t|s}^2 = sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2
+
+    c^2 / eta^2 is the variance of the DDPM posterior q(x_s | x_t, x0) (Kingma et al. 2021, eq. 3-4); in VP
+    form it is Song et al. 2021's sigma_eta^2 = eta^2 (1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s)."""
+    from tld.samplers import make_denoiser, sample_ddim
+
+    gmm = GMM.random(k=6, dim=4, seed=0)
+    sched = get_schedule(schedule)
+    t, s = 0.7, 0.45
+    (a_t, s_t), (a_s, s_s) = (tuple(float(v) for v in sched.alpha_sigma(torch.tensor(u, dtype=torch.float64)))
+                              for u in (t, s))
+    x_t = torch.tensor([[0.3, -0.5, 0.8, 0.1]], dtype=torch.float64) * (a_t**2 + s_t**2) ** 0.5
+    x0 = gmm.x0_mean(x_t, a_t, s_t)
+    eps = (x_t - a_t * x0) / s_t
+    var = eta**2 * s_s**2 * (s_t**2 - (a_t / a_s) ** 2 * s_s**2) / s_t**2
+    mean = a_s * x0 + (s_s**2 - var) ** 0.5 * eps
+
+    n = 20_000
+    denoiser = make_denoiser(gmm.model(schedule, "eps"), sched, "eps")
+    out = sample_ddim(denoiser, x_t.expand(n, -1).clone(), torch.tensor([t, s], dtype=torch.float64), sched,
+                      eta=eta, final_denoise=False, generator=torch.Generator().manual_seed(0), progress=False)
+    # 5 standard errors: of a mean, sqrt(var / n); of a Gaussian variance, var sqrt(2 / (n - 1)) (per coordinate)
+    assert (out.mean(0) - mean[0]).abs().max() < 5 * (var / n) ** 0.5, (out.mean(0), mean)
+    emp = out.var(0)
+    assert ((emp - var).abs() < 5 * var * (2 / (n - 1)) ** 0.5).all(), (emp, var)
+    # the coordinates are independent: the covariance is var * I
+    cov = torch.cov(out.T)
+    assert (cov - torch.diag(cov.diagonal())).abs().max() < 5 * var / n**0.5, cov
