@@ -412,6 +412,8 @@ def build(run: Run) -> None:
     run.model_kw = model_kwargs(cfg, run.dataset)
     run.model = create(cfg.model, **run.model_kw)
     run.model.gradient_checkpointing = cfg.gradient_checkpointing
+    if run.num_classes and (cfg.class_dropout > 0 or cfg.sample_guidance != 1.0):
+        _ = run.model.null_class  # a model built without a null class says so now, not after training
     run.ema = create(cfg.model, **run.model_kw)
     run.ema.load_state_dict(run.model.state_dict())
     run.ema.requires_grad_(False).eval()
@@ -479,8 +481,10 @@ def train_step(run: Run) -> float:
         x0 = batch["image"].to(acc.device)
         t, eps = t_all[sl].to(acc.device), eps_all[sl].to(acc.device)
         cond = batch["label"] if run.num_classes else batch["text"] if run.text else None
-        if cond is not None:  # classifier-free guidance: some conditions become the model's null one
-            cond = run.raw_model.drop_condition(cond.to(acc.device), drop_all[sl].to(acc.device))
+        if cond is not None:
+            cond = cond.to(acc.device)
+        if cond is not None and cfg.class_dropout > 0:  # classifier-free guidance: some become the null condition
+            cond = run.raw_model.drop_condition(cond, drop_all[sl].to(acc.device))
         x_t = diffusion.add_noise(x0, eps, t, run.schedule)
         # gradients are all-reduced once per step, on the last micro-batch, not on every one
         sync = a == cfg.grad_accum - 1
