@@ -148,6 +148,34 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
     assert kept == ["step_0000015", "step_0000020"]
 
 
+def test_a_checkpoint_that_cannot_be_deleted_is_warned_about_and_training_goes_on(tmp_path, monkeypatch):
+    real_rmtree = shutil.rmtree
+    tried = []
+
+    def refuse(path, *args, **kwargs):
+        tried.append(Path(path))
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)   # tld.runs and tld.io both call shutil.rmtree
+    args = ["max_steps=6", "save_every=2", "keep_checkpoints=1", "sample_steps=2"]
+    with pytest.warns(UserWarning) as caught:
+        summary = T.train(smoke(tmp_path, "run", *args))
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert summary["steps"] == 6
+    assert json.loads((ckpts / "latest.json").read_text())["step"] == 6
+    # each save tried to delete every older checkpoint, and each failure names its folder
+    messages = [str(w.message) for w in caught if "could not delete the old checkpoint" in str(w.message)]
+    assert tried == [ckpts / "step_0000002", ckpts / "step_0000002", ckpts / "step_0000004"], tried
+    for path, message in zip(tried, messages, strict=True):
+        assert f"could not delete the old checkpoint {path}: [Errno 13] Permission denied" in message, message
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000004", "step_0000006"]
+    assert T.load_model(tmp_path / "run") is not None
+    # once deleting works again, the next save clears the leftovers too
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    T.train(smoke(tmp_path, "run", *args[1:], "max_steps=7", "resume=true"))
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000007"]
+
+
 def test_load_model_round_trip_and_clear_errors(tmp_path):
     T.train(smoke(tmp_path))
     model = T.load_model(tmp_path / "run")
