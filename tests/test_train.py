@@ -126,6 +126,32 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert_same_weights(weights(tmp_path / "big", 5), weights(tmp_path / "acc", 5), atol=1e-5)
 
 
+def test_gradient_clipping_bounds_the_global_norm_the_optimizer_steps_with(tmp_path, monkeypatch):
+    """With the loss scaled by 1e4 the raw gradient norm is far above grad_clip; at optimizer.step time
+    the loop must hand over the same gradients rescaled to global norm grad_clip (direction kept)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    real_loss = T.diffusion.loss
+    monkeypatch.setattr(T.diffusion, "loss", lambda *a, **kw: real_loss(*a, **kw) * 1e4)
+    seen = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.cat(
+        [p.grad.flatten() for g in opt.param_groups for p in g["params"] if p.grad is not None])))
+    try:
+        runs = {}
+        for clip in (0.0, 0.5):
+            seen.clear()
+            T.train(smoke(tmp_path, f"clip{clip}", "max_steps=2", f"grad_clip={clip}", "sample_steps=1"))
+            runs[clip] = list(seen)
+    finally:
+        hook.remove()
+    assert [len(g) for g in runs.values()] == [2, 2]
+    raw, clipped = runs[0.0][0], runs[0.5][0]   # step 0: same weights, batch and noise in both runs
+    assert raw.norm() > 100 * 0.5, raw.norm()   # a case where clipping has something to do
+    for g in runs[0.5]:
+        assert g.norm() <= 0.5 + 1e-6, g.norm()
+    torch.testing.assert_close(clipped, raw * (0.5 / raw.norm()), rtol=1e-4, atol=1e-9)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     T.train(smoke(tmp_path, "run", "stop_at=10", "save_every=5"))
     good = weights(tmp_path / "run", 10)
