@@ -228,23 +228,83 @@ def test_tensors_dataset_trains_text_conditioned_tld(tmp_path):
 
 # --- each rank draws its own noise ------------------------------------------------------------
 
-def test_each_rank_draws_different_noise_and_together_the_global_draw():
-    cfg = T.TrainConfig(batch_size=8, grad_accum=2)
-    shape = (3, 4, 4)
-    full_t, full_eps, full_drop = T.step_randomness(cfg, 7, (8, *shape), 18)
-    parts = {(r, a): T.rank_randomness(cfg, 7, shape, 18, rank=r, world=2, micro_step=a)
-             for r in (0, 1) for a in (0, 1)}
-    eps = {k: v[1] for k, v in parts.items()}
-    assert all(e.shape == (2, *shape) for e in eps.values())
-    assert not torch.equal(eps[0, 0], eps[1, 0]), "ranks 0 and 1 drew the same noise"
-    assert not torch.equal(parts[0, 0][0], parts[1, 0][0]), "ranks 0 and 1 drew the same times"
-    # the micro-batches of all ranks tile the global draw: 2 processes see what 1 process sees
-    order = [(0, 0), (1, 0), (0, 1), (1, 1)]
-    torch.testing.assert_close(torch.cat([eps[k] for k in order]), full_eps, atol=0, rtol=0)
-    torch.testing.assert_close(torch.cat([parts[k][0] for k in order]), full_t, atol=0, rtol=0)
-    assert torch.equal(torch.cat([parts[k][2] for k in order]), full_drop)
-    # and another step draws other noise
-    assert not torch.equal(T.rank_randomness(cfg, 8, shape, 18, 0, 2)[1], eps[0, 0])
+def test_rank_slices_tile_the_global_batch_as_the_sampler_does():
+    """rank_slice(r, a) is the rows of step_randomness's global draw that rank r uses in micro-batch a.
+    Over every (a, r) the slices tile the batch, and they are the rows of the examples StepBatchSampler
+    gives that rank: so an example is noised with the same row whatever the process count."""
+    one = list(T.StepBatchSampler(100, 16, 0, rank=0, world=1, accum=1, start_step=0, max_steps=3))
+    for world, accum in ((1, 1), (2, 1), (2, 2), (4, 2)):
+        rows = [list(range(16))[T.rank_slice(16, r, world, accum, a)] for a in range(accum) for r in range(world)]
+        assert sum(rows, []) == list(range(16)), (world, accum, rows)
+        per_rank = [list(T.StepBatchSampler(100, 16, 0, r, world, accum, 0, 3)) for r in range(world)]
+        for step in range(3):
+            for r in range(world):
+                for a in range(accum):
+                    assert per_rank[r][step * accum + a] == one[step][T.rank_slice(16, r, world, accum, a)]
+
+
+# captures the (eps, t) that train_step hands to tld.diffusion.add_noise, then trains as `python -m tld.train`
+NOISE_DRIVER = """
+import os, sys
+from safetensors.torch import save_file
+import tld.diffusion as D
+from tld import train as T
+
+seen, real = [], D.add_noise
+def add_noise(x0, eps, t, schedule):
+    seen.append((eps.detach().cpu().clone(), t.detach().cpu().clone()))
+    return real(x0, eps, t, schedule)
+D.add_noise = add_noise
+rc = T.main(sys.argv[1:])
+tensors = {f"{k}_{i}": v for i, (e, t) in enumerate(seen) for k, v in (("eps", e), ("t", t))}
+save_file(tensors, os.path.join(os.environ["TLD_NOISE_OUT"], f"rank{os.environ.get('RANK', '0')}.safetensors"))
+sys.exit(rc)
+"""
+
+
+def captured(path, n):
+    t = load_file(str(path))
+    assert len(t) == 2 * n, f"{path.name}: {len(t) // 2} calls of add_noise, expected {n}"
+    return [(t[f"eps_{i}"], t[f"t_{i}"]) for i in range(n)]
+
+
+@pytest.mark.multiprocess
+def test_each_rank_draws_its_own_rows_of_the_global_noise_inside_the_loop(tmp_path):
+    """Two processes (accelerate, gloo) with grad_accum=2: the eps and t that train_step actually uses on
+    rank r in micro-batch a are rows rank_slice(r, a) of step_randomness: the ranks' noise differs, and
+    together it is exactly what one process uses."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    assert accelerate, "accelerate's launcher is not installed"
+    steps, accum = 2, 2
+    args = ["preset=smoke", "progress=false", f"max_steps={steps}", f"grad_accum={accum}", "sample_steps=1"]
+    (tmp_path / "driver.py").write_text(NOISE_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for name, launch in (("one", [sys.executable]),
+                         ("two", [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                  "--mixed_precision", "no", "--dynamo_backend", "no"])):
+        (tmp_path / name).mkdir()
+        out = subprocess.run([*launch, str(tmp_path / "driver.py"), *args, f"out_dir={tmp_path / name}"],
+                             capture_output=True, text=True, env={**env, "TLD_NOISE_OUT": str(tmp_path / name)},
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    one = captured(tmp_path / "one" / "rank0.safetensors", steps * accum)
+    two = [captured(tmp_path / "two" / f"rank{r}.safetensors", steps * accum) for r in (0, 1)]
+    cfg = T.config_from_args(args)
+    for step in range(steps):
+        t_all, eps_all, _ = T.step_randomness(cfg, step, (cfg.batch_size, 3, 16, 16), 18)
+        for a in range(accum):
+            i = step * accum + a
+            for r in (0, 1):
+                sl = T.rank_slice(cfg.batch_size, r, 2, accum, a)
+                assert torch.equal(two[r][i][0], eps_all[sl]), f"rank {r}, step {step}, micro-batch {a}: eps"
+                assert torch.equal(two[r][i][1], t_all[sl].to(two[r][i][1].dtype)), f"rank {r}: t"
+            assert not torch.equal(two[0][i][0], two[1][i][0]), f"step {step}, micro-batch {a}: same noise"
+            assert two[0][i][0].shape[0] == cfg.batch_size // (2 * accum)
+        # one process's micro-batch a is ranks 0 and 1's micro-batch a, side by side
+        for a in range(accum):
+            i = step * accum + a
+            torch.testing.assert_close(one[i][0], torch.cat([two[0][i][0], two[1][i][0]]), atol=0, rtol=0)
+    assert not torch.equal(one[0][0], one[accum][0]), "two steps drew the same noise"
 
 
 @pytest.mark.multiprocess

@@ -58,7 +58,7 @@ from .text import load_text_encoder, train_tiny_clip
 from .viz import image_grid
 
 __all__ = ["train", "main", "NonFiniteLoss", "build_dataset", "model_kwargs", "StepBatchSampler", "step_randomness",
-           "rank_slice", "rank_randomness", "TensorFileDataset", "TextCached", "prepare_text_encoders",
+           "rank_slice", "TensorFileDataset", "TextCached", "prepare_text_encoders",
            "cache_text_dataset", "save_pipeline", "save_samples", "generate", "sample_grid_labels",
            # moved in the redesign, re-exported here for one release: import them from their new homes
            "TrainConfig", "PRESETS", "GPU_RECIPES", "config_from_args", "validate",     # tld.config
@@ -240,14 +240,6 @@ def rank_slice(global_batch: int, rank: int, world: int, accum: int, micro_step:
     micro = global_batch // (world * accum)
     lo = micro_step * world * micro + rank * micro
     return slice(lo, lo + micro)
-
-
-def rank_randomness(cfg: TrainConfig, step: int, shape: tuple, num_classes: int, rank: int, world: int,
-                    micro_step: int = 0):
-    """What one rank draws for one micro-batch: its rows of the step's (times, noise, dropout mask)."""
-    t, eps, drop = step_randomness(cfg, step, (cfg.batch_size, *shape), num_classes)
-    sl = rank_slice(cfg.batch_size, rank, world, cfg.grad_accum, micro_step)
-    return t[sl], eps[sl], None if drop is None else drop[sl]
 
 
 def model_kwargs(cfg: TrainConfig, dataset) -> dict:
