@@ -54,10 +54,14 @@ def test_dpm_solver_3m_is_at_least_as_accurate_as_2m_at_20_steps(problems, sched
 
 
 def test_default_spacing_2m_beats_diffusers_dpm_solver_at_10_steps(problems):
+    """The README's claim, on its problem (tld.bench.gmm_problem: 64 noises, vp-linear): 2.3x lower error.
+
+    Measured: 2.30x here (4.37e-2 vs 1.00e-1); 2.35x on 4096 noises; 2.07-2.56x on three draws of 1024.
+    (On other draws of only 64 noises it ranges 1.4-5.3x: the claim is about the problem, not one draw.)"""
     gmm, noise, ref = problems["vp-linear"]
     ours = err(problems, "vp-linear", "dpm++2m", 10)
     theirs = rms_error(run_diffusers(diffusers_scheduler("dpm++2m"), gmm.model("vp-linear", "eps"), noise, 10), ref)
-    assert ours <= 0.9 * theirs, (ours, theirs)
+    assert theirs / ours >= 2.2, (ours, theirs, theirs / ours)
 
 
 def test_ddim_matches_diffusers_ddim_scheduler():
