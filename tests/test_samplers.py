@@ -88,16 +88,34 @@ def test_every_prediction_type_gives_the_same_samples(problems, schedule):
     assert rms_error(outs[0], ref) < 0.05
 
 
+@pytest.fixture(scope="module")
+def from_t_max(problems):
+    """The exact ODE solution from each schedule's own t_max (rectified: t = 1, pure noise), where x0 and v
+    models start."""
+    out = {}
+    for schedule, (gmm, noise, _) in problems.items():
+        sched = get_schedule(schedule)
+        x = noise if sched.variance_preserving else noise * sched.sigma(torch.tensor(sched.t_max)).item()
+        out[schedule] = gmm.reference(x, sched, sched.t_max, None)
+    return out
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_every_sampler_runs_every_schedule_to_finite_samples(problems, sampler, schedule):
+def test_every_sampler_runs_every_schedule_to_the_right_samples(problems, from_t_max, sampler, schedule):
+    """Every sampler x schedule x spacing, from t_max (rectified's t = 1: alpha = 0, log-SNR = -inf):
+    x0 and v models give the same samples (the exact denoiser in two parametrisations), and the ODE
+    solvers land near the exact solution even at 6 steps (measured worst 0.19, on vp-linear's time
+    grid; ancestral DDPM, which does not follow the ODE, is 0.6 away; an unrelated data sample 0.68, zeros 0.52)."""
     gmm, noise, _ = problems[schedule]
-    for prediction in ("x0", "v"):  # both can start at rectified's t = 1 (alpha = 0, log-SNR = -inf)
-        for spacing in ("time", "logsnr", "karras"):
-            x = sample(gmm.model(schedule, prediction), noise, schedule, sampler=sampler, steps=6,
-                       prediction=prediction, spacing=spacing, progress=False,
-                       generator=torch.Generator().manual_seed(0))
-            assert torch.isfinite(x).all(), (prediction, spacing)
+    for spacing in ("time", "logsnr", "karras"):
+        x0_run, v_run = (sample(gmm.model(schedule, p), noise, schedule, sampler=sampler, steps=6, prediction=p,
+                                spacing=spacing, progress=False, generator=torch.Generator().manual_seed(0))
+                         for p in ("x0", "v"))
+        assert torch.isfinite(x0_run).all(), spacing
+        torch.testing.assert_close(v_run, x0_run, atol=1e-9, rtol=0, msg=lambda m, sp=spacing: f"{sp}: {m}")
+        if sampler != "ddpm":
+            assert rms_error(x0_run, from_t_max[schedule]) < 0.25, (spacing, rms_error(x0_run, from_t_max[schedule]))
 
 
 def test_rectified_starts_at_t_1_exactly_with_x0_prediction():
@@ -236,3 +254,34 @@ def test_one_ddim_step_has_the_mean_and_variance_of_the_formula(schedule, eta):
     # the coordinates are independent: the covariance is var * I
     cov = torch.cov(out.T)
     assert (cov - torch.diag(cov.diagonal())).abs().max() < 5 * var / n**0.5, cov
+
+
+class GMMDenoiser(torch.nn.Module):
+    """A GMM's exact denoiser with what ``generate`` reads from a tld model: 4-d points as 1x2x2 images."""
+
+    in_chans, img_size = 1, 2
+
+    def __init__(self, gmm, schedule, prediction):
+        super().__init__()
+        self.fn = gmm.model(schedule, prediction)
+        self.anchor = torch.nn.Parameter(torch.zeros(()))   # generate finds the device from the parameters
+
+    def forward(self, x, t, cond=None):
+        return self.fn(x, t, cond)
+
+
+def test_generate_draws_its_seeded_noise_and_lands_on_the_exact_ode_solution():
+    """generate(seed=s) starts from torch.randn(n, C, H, W) of a generator seeded with s and integrates the
+    model's ODE: for the exact denoiser it lands on the exact solution from that noise (measured 1.6e-3 at
+    50 DPM-Solver++(2M) steps, 4.5e-4 at 100: the discretisation error; another seed's noise is 0.67 away)."""
+    from tld.samplers import generate
+
+    gmm = GMM.random(k=6, dim=4, seed=0)
+    model = GMMDenoiser(gmm, "vp-cosine", "v")
+    out = generate(model, "vp-cosine", prediction="v", n=32, steps=50, sampler="dpm++2m", seed=3, clamp=False)
+    noise = torch.randn(32, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    ref = gmm.reference(noise.double(), "vp-cosine", get_schedule("vp-cosine").t_max, None)
+    assert out.shape == (32, 1, 2, 2) and out.dtype == torch.float32
+    assert rms_error(out, ref) < 3e-3, rms_error(out, ref)
+    clamped = generate(model, "vp-cosine", prediction="v", n=32, steps=50, sampler="dpm++2m", seed=3)
+    torch.testing.assert_close(clamped, out.clamp(-1, 1), atol=0, rtol=0)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tld import train as T
+from tld.samplers import generate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -211,6 +212,12 @@ def test_load_model_round_trip_and_clear_errors(tmp_path):
         T.load_model(tmp_path)
     images = T.generate(model, model.train_config, torch.tensor([0, 5]), steps=3)
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+    # they are the samples of the run's schedule and prediction (smoke: vp-cosine, v), not the defaults
+    cfg = model.train_config
+    assert (cfg["schedule"], cfg["prediction"]) == ("vp-cosine", "v")
+    same = generate(model, "vp-cosine", prediction="v", cond=torch.tensor([0, 5]), steps=3)
+    torch.testing.assert_close(images, same, atol=0, rtol=0)
+    assert (images - generate(model, "vp-cosine", prediction="eps", cond=torch.tensor([0, 5]), steps=3)).abs().max() > 0.1
 
 
 def test_lr_warmup_then_cosine():
