@@ -17,6 +17,7 @@ from tld.blocks import (
     attention_weights,
     timestep_embedding,
     xformers_available,
+    xformers_unavailable_reason,
 )
 
 
@@ -74,6 +75,46 @@ def test_attention_weights_rows_are_a_softmax_of_scaled_scores():
 def test_xformers_backend_without_xformers_says_how_to_install_it():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="pip install xformers"):
+        attention(q, k, v, "xformers")
+
+
+def test_a_failed_xformers_import_is_reported_with_its_cause(monkeypatch):
+    """A broken install (here: a CUDA library that will not load) must not read as "not installed"."""
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name == "xformers" or name.startswith("xformers."):
+            raise ImportError("libcudart.so.12: cannot open shared object file: No such file or directory")
+        return real_import(name, *args, **kwargs)
+
+    for mod in [m for m in sys.modules if m == "xformers" or m.startswith("xformers.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    assert xformers_available() is False
+    why = xformers_unavailable_reason()
+    assert why == ("importing xformers failed: ImportError: libcudart.so.12: cannot open shared object file: "
+                   "No such file or directory"), why
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"'xformers' is unavailable: importing xformers failed: ImportError: "
+                                         r"libcudart\.so\.12.*pip install xformers"):
+        attention(q, k, v, "xformers")
+
+
+def test_an_xformers_without_kernels_is_reported_as_such(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("xformers")
+    fake.__version__, fake._has_cpp_library = "0.0.99", False
+    monkeypatch.setitem(sys.modules, "xformers", fake)
+    monkeypatch.setitem(sys.modules, "xformers.ops", types.ModuleType("xformers.ops"))
+    assert xformers_available() is False
+    assert "xformers 0.0.99 imports but its C++/CUDA kernels did not load" in xformers_unavailable_reason()
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="kernels did not load"):
         attention(q, k, v, "xformers")
 
 

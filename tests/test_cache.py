@@ -1,6 +1,8 @@
 """Claims of tld.cache: latents and text embeddings are computed once, read back memory-mapped
 and equal to encoding on the fly; the key changes whenever an encoder or the dataset changes."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from tld.text import TinyCLIP, shapes_captions, train_bpe_tokenizer
 
 @pytest.fixture(scope="module")
 def encoders():
+    """Shared by the module: tests must not change them (copy first), so any order gives the same results."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -50,7 +53,8 @@ def test_cache_is_reused_not_rebuilt(encoders, tmp_path):
 
 
 def test_changed_encoder_or_dataset_changes_the_key(encoders):
-    codec, text = encoders
+    # copies: this test nudges a weight and a scale, and the fixture is shared by the whole module
+    codec, text = (copy.deepcopy(e) for e in encoders)
     ds = ShapesDataset(size=32, seed=0)
     key = cache_key(ds, 100, codec, text)
     assert cache_key(ds, 100, codec, text) == key
@@ -65,6 +69,7 @@ def test_changed_encoder_or_dataset_changes_the_key(encoders):
     assert cache_key(ds, 100, codec, text) != key
     codec.scale = 0.25
     assert cache_key(ds, 100, codec, None) != cache_key(ds, 100, DiffusersVAE(codec.vae, 0.5), None)
+    assert cache_key(ds, 100, *encoders) == key, "the module's shared encoders were changed"
 
 
 def test_unfinished_cache_is_refused(tmp_path):

@@ -203,6 +203,9 @@ def test_sample_t_stays_in_range_and_is_reproducible_by_generator(kind):
     t = draw()
     assert t.shape == (5000,)
     assert t.min() >= 0.1 and t.max() <= 0.9
+    # [t_min, t_max] is the affine image of the [0, 1] draw: the distribution is rescaled, not clipped
+    unit = sample_t(5000, kind, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(t, 0.1 + 0.8 * unit, atol=1e-6, rtol=0)
     assert torch.equal(t, draw())
     assert not torch.equal(t, sample_t(5000, kind, generator=torch.Generator().manual_seed(8),
                                        t_min=0.1, t_max=0.9))

@@ -143,8 +143,11 @@ def test_cli_on_the_shipped_class_model_writes_a_report_that_reads_its_samples_r
     report = _check_report_folder(out, 18)
     assert (report["kind"], report["steps"], report["sampler"], report["guidance"]) == ("class", 5, "dpm++2m", 3.0)
     assert report["adherence"]["position"] is None and len(report["per_class"]) == 18   # labels cycle over 18
-    # the shipped model scores 0.96 at 30 steps; 5 DPM-Solver++ steps read back 0.89 (16 of 18)
-    assert report["adherence"]["all"] >= 0.6 and report["adherence"]["color"] >= 0.8, report["adherence"]
+    # the shipped model scores 0.96 at 30 steps; 5 DPM-Solver++ steps read back all three right on 16 of 18
+    # (seed 0; seeds 1-3: 16, 17, 16), the color on 17 of 18 (seeds 1-3: 18, 18, 17), the shape on 17 (16-17):
+    # one sample of slack below each measured value
+    acc = report["adherence"]
+    assert acc["all"] >= 15 / 18 - 1e-6 and acc["color"] >= 16 / 18 - 1e-6 and acc["shape"] >= 16 / 18 - 1e-6, acc
     # its samples sit about as far from the real set as another real set of the same size does
     assert report["fid"] < 2 * report["fid_real_floor"], (report["fid"], report["fid_real_floor"])
     printed = capsys.readouterr().out

@@ -1,5 +1,7 @@
 """Samplers against the exact solution of the probability-flow ODE of a Gaussian mixture, and against diffusers."""
 
+import re
+
 import pytest
 import torch
 
@@ -52,10 +54,14 @@ def test_dpm_solver_3m_is_at_least_as_accurate_as_2m_at_20_steps(problems, sched
 
 
 def test_default_spacing_2m_beats_diffusers_dpm_solver_at_10_steps(problems):
+    """The README's claim, on its problem (tld.bench.gmm_problem: 64 noises, vp-linear): 2.3x lower error.
+
+    Measured: 2.30x here (4.37e-2 vs 1.00e-1); 2.35x on 4096 noises; 2.07-2.56x on three draws of 1024.
+    (On other draws of only 64 noises it ranges 1.4-5.3x: the claim is about the problem, not one draw.)"""
     gmm, noise, ref = problems["vp-linear"]
     ours = err(problems, "vp-linear", "dpm++2m", 10)
     theirs = rms_error(run_diffusers(diffusers_scheduler("dpm++2m"), gmm.model("vp-linear", "eps"), noise, 10), ref)
-    assert ours <= 0.9 * theirs, (ours, theirs)
+    assert theirs / ours >= 2.2, (ours, theirs, theirs / ours)
 
 
 def test_ddim_matches_diffusers_ddim_scheduler():
@@ -82,16 +88,34 @@ def test_every_prediction_type_gives_the_same_samples(problems, schedule):
     assert rms_error(outs[0], ref) < 0.05
 
 
+@pytest.fixture(scope="module")
+def from_t_max(problems):
+    """The exact ODE solution from each schedule's own t_max (rectified: t = 1, pure noise), where x0 and v
+    models start."""
+    out = {}
+    for schedule, (gmm, noise, _) in problems.items():
+        sched = get_schedule(schedule)
+        x = noise if sched.variance_preserving else noise * sched.sigma(torch.tensor(sched.t_max)).item()
+        out[schedule] = gmm.reference(x, sched, sched.t_max, None)
+    return out
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_every_sampler_runs_every_schedule_to_finite_samples(problems, sampler, schedule):
+def test_every_sampler_runs_every_schedule_to_the_right_samples(problems, from_t_max, sampler, schedule):
+    """Every sampler x schedule x spacing, from t_max (rectified's t = 1: alpha = 0, log-SNR = -inf):
+    x0 and v models give the same samples (the exact denoiser in two parametrisations), and the ODE
+    solvers land near the exact solution even at 6 steps (measured worst 0.19, on vp-linear's time
+    grid; ancestral DDPM, which does not follow the ODE, is 0.6 away; an unrelated data sample 0.68, zeros 0.52)."""
     gmm, noise, _ = problems[schedule]
-    for prediction in ("x0", "v"):  # both can start at rectified's t = 1 (alpha = 0, log-SNR = -inf)
-        for spacing in ("time", "logsnr", "karras"):
-            x = sample(gmm.model(schedule, prediction), noise, schedule, sampler=sampler, steps=6,
-                       prediction=prediction, spacing=spacing, progress=False,
-                       generator=torch.Generator().manual_seed(0))
-            assert torch.isfinite(x).all(), (prediction, spacing)
+    for spacing in ("time", "logsnr", "karras"):
+        x0_run, v_run = (sample(gmm.model(schedule, p), noise, schedule, sampler=sampler, steps=6, prediction=p,
+                                spacing=spacing, progress=False, generator=torch.Generator().manual_seed(0))
+                         for p in ("x0", "v"))
+        assert torch.isfinite(x0_run).all(), spacing
+        torch.testing.assert_close(v_run, x0_run, atol=1e-9, rtol=0, msg=lambda m, sp=spacing: f"{sp}: {m}")
+        if sampler != "ddpm":
+            assert rms_error(x0_run, from_t_max[schedule]) < 0.25, (spacing, rms_error(x0_run, from_t_max[schedule]))
 
 
 def test_rectified_starts_at_t_1_exactly_with_x0_prediction():
@@ -162,3 +186,102 @@ def test_bad_sampler_arguments_name_the_bad_value():
         sample(model, noise, "vp-cosine", sampler="ddim", steps=0)
     with pytest.raises(ValueError, match="timesteps must decrease"):
         sample(model, noise, "vp-cosine", sampler="ddim", steps=2, timesteps=[0.1, 0.5, 0.9])
+
+
+# --- eta: each sampler's own, and the combinations that would be ignored are refused ----------
+
+def test_eta_defaults_to_each_samplers_own_and_ddpm_is_ddim_with_eta_1():
+    gmm = GMM.ring(4, std=0.1)
+    model = gmm.model("vp-cosine", "eps")
+    noise = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def run(sampler, **kw):
+        return sample(model, noise, "vp-cosine", sampler=sampler, steps=8, progress=False,
+                      generator=torch.Generator().manual_seed(1), **kw)
+
+    ddpm = run("ddpm")
+    torch.testing.assert_close(ddpm, run("ddim", eta=1.0), atol=0, rtol=0)
+    torch.testing.assert_close(ddpm, run("ddpm", eta=1.0), atol=0, rtol=0)
+    ddim = run("ddim")   # eta=None: deterministic DDIM, no noise drawn
+    torch.testing.assert_close(ddim, run("ddim", eta=0.0), atol=0, rtol=0)
+    torch.testing.assert_close(ddim, sample(model, noise, "vp-cosine", sampler="ddim", steps=8, progress=False),
+                               atol=0, rtol=0)
+    half = run("ddim", eta=0.5)
+    assert not torch.allclose(half, ddim) and not torch.allclose(half, ddpm)
+    # ddpm with another eta used to run eta=1 silently; now it says what to ask for instead
+    with pytest.raises(ValueError, match=r"DDIM with eta=1.*use sampler='ddim', eta=0.5"):
+        run("ddpm", eta=0.5)
+    with pytest.raises(ValueError, match=r"use sampler='ddim', eta=0"):
+        run("ddpm", eta=0)
+    # the ODE solvers add no noise: an eta there would be ignored, so it is refused (0 and None are fine)
+    for sampler in ("dpm++2m", "dpm++3m", "euler"):
+        with pytest.raises(ValueError, match=re.escape(repr(sampler)) + r".*adds no noise.*sampler='ddim', eta=0.3"):
+            run(sampler, eta=0.3)
+        torch.testing.assert_close(run(sampler, eta=0.0), run(sampler), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("schedule", ["vp-cosine", "rectified"])
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_one_ddim_step_has_the_mean_and_variance_of_the_formula(schedule, eta):
+    """One DDIM step t -> s from a fixed x_t, many times: x_s | x_t is Gaussian with
+
+        mean     alpha_s x0 + sqrt(sigma_s^2 - c^2) eps,   (x0, eps) = the exact denoiser at (x_t, t)
+        variance c^2 = eta^2 sigma_s^2 sigma_{t|s}^2 / sigma_t^2,   sigma_{t|s}^2 = sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2
+
+    c^2 / eta^2 is the variance of the DDPM posterior q(x_s | x_t, x0) (Kingma et al. 2021, eq. 3-4); in VP
+    form it is Song et al. 2021's sigma_eta^2 = eta^2 (1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s)."""
+    from tld.samplers import make_denoiser, sample_ddim
+
+    gmm = GMM.random(k=6, dim=4, seed=0)
+    sched = get_schedule(schedule)
+    t, s = 0.7, 0.45
+    (a_t, s_t), (a_s, s_s) = (tuple(float(v) for v in sched.alpha_sigma(torch.tensor(u, dtype=torch.float64)))
+                              for u in (t, s))
+    x_t = torch.tensor([[0.3, -0.5, 0.8, 0.1]], dtype=torch.float64) * (a_t**2 + s_t**2) ** 0.5
+    x0 = gmm.x0_mean(x_t, a_t, s_t)
+    eps = (x_t - a_t * x0) / s_t
+    var = eta**2 * s_s**2 * (s_t**2 - (a_t / a_s) ** 2 * s_s**2) / s_t**2
+    mean = a_s * x0 + (s_s**2 - var) ** 0.5 * eps
+
+    n = 20_000
+    denoiser = make_denoiser(gmm.model(schedule, "eps"), sched, "eps")
+    out = sample_ddim(denoiser, x_t.expand(n, -1).clone(), torch.tensor([t, s], dtype=torch.float64), sched,
+                      eta=eta, final_denoise=False, generator=torch.Generator().manual_seed(0), progress=False)
+    # 5 standard errors: of a mean, sqrt(var / n); of a Gaussian variance, var sqrt(2 / (n - 1)) (per coordinate)
+    assert (out.mean(0) - mean[0]).abs().max() < 5 * (var / n) ** 0.5, (out.mean(0), mean)
+    emp = out.var(0)
+    assert ((emp - var).abs() < 5 * var * (2 / (n - 1)) ** 0.5).all(), (emp, var)
+    # the coordinates are independent: the covariance is var * I
+    cov = torch.cov(out.T)
+    assert (cov - torch.diag(cov.diagonal())).abs().max() < 5 * var / n**0.5, cov
+
+
+class GMMDenoiser(torch.nn.Module):
+    """A GMM's exact denoiser with what ``generate`` reads from a tld model: 4-d points as 1x2x2 images."""
+
+    in_chans, img_size = 1, 2
+
+    def __init__(self, gmm, schedule, prediction):
+        super().__init__()
+        self.fn = gmm.model(schedule, prediction)
+        self.anchor = torch.nn.Parameter(torch.zeros(()))   # generate finds the device from the parameters
+
+    def forward(self, x, t, cond=None):
+        return self.fn(x, t, cond)
+
+
+def test_generate_draws_its_seeded_noise_and_lands_on_the_exact_ode_solution():
+    """generate(seed=s) starts from torch.randn(n, C, H, W) of a generator seeded with s and integrates the
+    model's ODE: for the exact denoiser it lands on the exact solution from that noise (measured 1.6e-3 at
+    50 DPM-Solver++(2M) steps, 4.5e-4 at 100: the discretisation error; another seed's noise is 0.67 away)."""
+    from tld.samplers import generate
+
+    gmm = GMM.random(k=6, dim=4, seed=0)
+    model = GMMDenoiser(gmm, "vp-cosine", "v")
+    out = generate(model, "vp-cosine", prediction="v", n=32, steps=50, sampler="dpm++2m", seed=3, clamp=False)
+    noise = torch.randn(32, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    ref = gmm.reference(noise.double(), "vp-cosine", get_schedule("vp-cosine").t_max, None)
+    assert out.shape == (32, 1, 2, 2) and out.dtype == torch.float32
+    assert rms_error(out, ref) < 3e-3, rms_error(out, ref)
+    clamped = generate(model, "vp-cosine", prediction="v", n=32, steps=50, sampler="dpm++2m", seed=3)
+    torch.testing.assert_close(clamped, out.clamp(-1, 1), atol=0, rtol=0)

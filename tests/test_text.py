@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tld.data import ShapesDataset
 from tld.text import (
@@ -72,9 +73,47 @@ def test_clip_loss_is_near_zero_for_matched_pairs_and_log_batch_for_uninformativ
     assert clip_loss(e, e, scale).item() < 1e-3
     same = torch.ones(b, 1)
     torch.testing.assert_close(clip_loss(same, same, scale), torch.tensor(b).log(), rtol=1e-5, atol=1e-5)
-    # duplicate captions are not negatives: the target spreads over them
-    dup = torch.eye(b).repeat(2, 1)[:b]
-    assert clip_loss(e, e, scale, same=dup @ dup.T > 0).item() < clip_loss(e, e, scale).item() + 1.0
+
+
+def test_clip_loss_spreads_the_target_over_duplicate_captions_by_the_exact_amount():
+    """With `same`, row i's target is uniform over its caption group G(i) instead of one-hot. Each
+    cross-entropy is -sum_j q_ij l_ij + logsumexp_j l_ij, and the logsumexp does not depend on the
+    target, so in both directions (same is symmetric, every row of a group has |G| members)
+
+        loss(same) - loss(eye) = (1/B) sum_i (l_ii - mean_{j in G(i)} l_ij),   l = scale * text @ image.T
+
+    positive when each image matches its own copy of the caption better than the other copies
+    (the one-hot target rewards telling duplicates apart; the spread one does not), negative when
+    crossed, and exactly 0 when duplicates encode to one vector (a deterministic text encoder)."""
+    captions = ["red", "red", "blue", "green", "green", "green"]   # a batch with two duplicate groups
+    b = len(captions)
+    same = torch.tensor([[a == c for c in captions] for a in captions])
+    g = torch.Generator().manual_seed(0)
+    text = F.normalize(torch.randn(b, 8, generator=g, dtype=torch.float64), dim=-1)
+    image = F.normalize(text + 0.3 * torch.randn(b, 8, generator=g, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(2.0, dtype=torch.float64)
+
+    def predicted_gap(t, im):
+        logits = scale.exp() * t @ im.T
+        group_mean = (same * logits).sum(1) / same.sum(1)
+        return (logits.diagonal() - group_mean).mean()
+
+    gap = clip_loss(text, image, scale, same=same) - clip_loss(text, image, scale)
+    torch.testing.assert_close(gap, predicted_gap(text, image), rtol=1e-6, atol=1e-6)   # the target is float32
+    assert gap > 0.5, gap   # each image is nearest its own copy: 2.54 here, against 0 if `same` were ignored
+    # swap the images inside the pair of "red" captions: each now matches the other copy better
+    crossed = image[[1, 0, 2, 3, 4, 5]]
+    gap_crossed = clip_loss(text, crossed, scale, same=same) - clip_loss(text, crossed, scale)
+    torch.testing.assert_close(gap_crossed, predicted_gap(text, crossed), rtol=1e-6, atol=1e-6)
+    assert gap_crossed < gap
+    # duplicates that encode to one vector: the spread target changes neither the loss nor the gradient
+    # that reaches the shared embedding (per copy the gradients differ; their sum does not)
+    base = text.clone().requires_grad_(True)
+    tied = base[[0, 0, 2, 3, 3, 3]]
+    losses = [clip_loss(tied, image, scale, same=s) for s in (same, None)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
+    grads = [torch.autograd.grad(loss, base, retain_graph=True)[0] for loss in losses]   # the indexing is shared
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- TinyCLIP

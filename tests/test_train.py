@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tld import train as T
+from tld.samplers import generate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -126,6 +127,32 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert_same_weights(weights(tmp_path / "big", 5), weights(tmp_path / "acc", 5), atol=1e-5)
 
 
+def test_gradient_clipping_bounds_the_global_norm_the_optimizer_steps_with(tmp_path, monkeypatch):
+    """With the loss scaled by 1e4 the raw gradient norm is far above grad_clip; at optimizer.step time
+    the loop must hand over the same gradients rescaled to global norm grad_clip (direction kept)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    real_loss = T.diffusion.loss
+    monkeypatch.setattr(T.diffusion, "loss", lambda *a, **kw: real_loss(*a, **kw) * 1e4)
+    seen = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.cat(
+        [p.grad.flatten() for g in opt.param_groups for p in g["params"] if p.grad is not None])))
+    try:
+        runs = {}
+        for clip in (0.0, 0.5):
+            seen.clear()
+            T.train(smoke(tmp_path, f"clip{clip}", "max_steps=2", f"grad_clip={clip}", "sample_steps=1"))
+            runs[clip] = list(seen)
+    finally:
+        hook.remove()
+    assert [len(g) for g in runs.values()] == [2, 2]
+    raw, clipped = runs[0.0][0], runs[0.5][0]   # step 0: same weights, batch and noise in both runs
+    assert raw.norm() > 100 * 0.5, raw.norm()   # a case where clipping has something to do
+    for g in runs[0.5]:
+        assert g.norm() <= 0.5 + 1e-6, g.norm()
+    torch.testing.assert_close(clipped, raw * (0.5 / raw.norm()), rtol=1e-4, atol=1e-9)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     T.train(smoke(tmp_path, "run", "stop_at=10", "save_every=5"))
     good = weights(tmp_path / "run", 10)
@@ -148,6 +175,34 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
     assert kept == ["step_0000015", "step_0000020"]
 
 
+def test_a_checkpoint_that_cannot_be_deleted_is_warned_about_and_training_goes_on(tmp_path, monkeypatch):
+    real_rmtree = shutil.rmtree
+    tried = []
+
+    def refuse(path, *args, **kwargs):
+        tried.append(Path(path))
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)   # tld.runs and tld.io both call shutil.rmtree
+    args = ["max_steps=6", "save_every=2", "keep_checkpoints=1", "sample_steps=2"]
+    with pytest.warns(UserWarning) as caught:
+        summary = T.train(smoke(tmp_path, "run", *args))
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert summary["steps"] == 6
+    assert json.loads((ckpts / "latest.json").read_text())["step"] == 6
+    # each save tried to delete every older checkpoint, and each failure names its folder
+    messages = [str(w.message) for w in caught if "could not delete the old checkpoint" in str(w.message)]
+    assert tried == [ckpts / "step_0000002", ckpts / "step_0000002", ckpts / "step_0000004"], tried
+    for path, message in zip(tried, messages, strict=True):
+        assert f"could not delete the old checkpoint {path}: [Errno 13] Permission denied" in message, message
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000004", "step_0000006"]
+    assert T.load_model(tmp_path / "run") is not None
+    # once deleting works again, the next save clears the leftovers too
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    T.train(smoke(tmp_path, "run", *args[1:], "max_steps=7", "resume=true"))
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000007"]
+
+
 def test_load_model_round_trip_and_clear_errors(tmp_path):
     T.train(smoke(tmp_path))
     model = T.load_model(tmp_path / "run")
@@ -157,6 +212,12 @@ def test_load_model_round_trip_and_clear_errors(tmp_path):
         T.load_model(tmp_path)
     images = T.generate(model, model.train_config, torch.tensor([0, 5]), steps=3)
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+    # they are the samples of the run's schedule and prediction (smoke: vp-cosine, v), not the defaults
+    cfg = model.train_config
+    assert (cfg["schedule"], cfg["prediction"]) == ("vp-cosine", "v")
+    same = generate(model, "vp-cosine", prediction="v", cond=torch.tensor([0, 5]), steps=3)
+    torch.testing.assert_close(images, same, atol=0, rtol=0)
+    assert (images - generate(model, "vp-cosine", prediction="eps", cond=torch.tensor([0, 5]), steps=3)).abs().max() > 0.1
 
 
 def test_lr_warmup_then_cosine():

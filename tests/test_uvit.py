@@ -286,3 +286,39 @@ def test_tiny_uvit_overfits_a_single_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 5, f"loss went from {losses[0]:.3f} to {losses[-1]:.3f}"
+
+
+NO_NULL = "built with class_dropout_null=False: it has no null class"
+
+
+def test_a_uvit_without_a_null_class_says_so_wherever_the_null_class_is_needed(tmp_path):
+    """class_dropout_null=False gives the label table no extra row. Label num_classes would then be an
+    IndexError deep in nn.Embedding; every path that needs the null class raises this ValueError instead."""
+    from tld.samplers import generate
+    from tld.train import config_from_args, train
+
+    model = tiny(num_classes=5, class_dropout_null=False).eval()
+    assert model.label_emb.num_embeddings == 5
+    labels = torch.tensor([0, 4])
+    with pytest.raises(ValueError, match=NO_NULL):
+        _ = model.null_class
+    with pytest.raises(ValueError, match=NO_NULL):
+        model.null_condition(labels)
+    with pytest.raises(ValueError, match=NO_NULL):
+        model.drop_condition(labels, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match=NO_NULL):   # guidance needs the null class
+        generate(model, "vp-cosine", prediction="eps", cond=labels, steps=2, guidance=3.0)
+    # without guidance it samples: the model works, only the null class is missing
+    assert generate(model, "vp-cosine", prediction="eps", cond=labels, steps=2).shape == (2, 3, 8, 8)
+
+    def run(name, *args):
+        return config_from_args(["preset=smoke", f"out_dir={tmp_path / name}", "progress=false", "max_steps=2",
+                                 "model.class_dropout_null=false", *args])
+
+    # label dropout, or guided sample grids, need it: the run stops before its first step
+    for name, args in (("dropout", ["class_dropout=0.1"]), ("guided", ["class_dropout=0", "sample_guidance=3"])):
+        with pytest.raises(ValueError, match=NO_NULL):
+            train(run(name, *args))
+        assert not (tmp_path / name / "checkpoints").exists(), name
+    # with neither, such a model trains (no null condition is ever drawn)
+    assert train(run("plain", "class_dropout=0", "sample_guidance=1"))["steps"] == 2

@@ -19,15 +19,24 @@ from torch import nn
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 
 
-def xformers_available() -> bool:
-    """True when xformers imports *and* its compiled kernels loaded (a wheel built for another torch
-    imports fine but has no kernels: it then says "xFormers can't load C++/CUDA extensions")."""
+def xformers_unavailable_reason() -> str:
+    """Why the xformers backend cannot run here, or "" when it can: the error importing xformers (not
+    installed, or a wheel whose compiled parts fail to load), or "imports but has no kernels" (a wheel
+    built for another torch imports fine, then says "xFormers can't load C++/CUDA extensions")."""
     try:
         import xformers
         import xformers.ops  # noqa: F401
-    except Exception:
-        return False
-    return bool(getattr(xformers, "_has_cpp_library", True))
+    except Exception as e:  # noqa: BLE001 - whatever stops the import is the reason, reported as is
+        return f"importing xformers failed: {type(e).__name__}: {e}"
+    if not getattr(xformers, "_has_cpp_library", True):
+        return (f"xformers {getattr(xformers, '__version__', '')} imports but its C++/CUDA kernels did not load "
+                f"(a build for another torch than {torch.__version__}?)")
+    return ""
+
+
+def xformers_available() -> bool:
+    """True when xformers imports *and* its compiled kernels loaded (``xformers_unavailable_reason`` says why not)."""
+    return not xformers_unavailable_reason()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
@@ -42,8 +51,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
             scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
         return scores.softmax(dim=-1) @ v
     if backend == "xformers":
-        if not xformers_available():
-            raise ValueError("attention backend 'xformers' needs the xformers package: pip install xformers")
+        why = xformers_unavailable_reason()
+        if why:
+            raise ValueError(f"attention backend 'xformers' is unavailable: {why}. It needs the xformers package "
+                             f"built for torch {torch.__version__}: pip install xformers")
         import xformers.ops as xops
 
         bias = None

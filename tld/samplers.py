@@ -349,10 +349,14 @@ def sample(model, noise: torch.Tensor, schedule, *, sampler: str = "ddim", steps
            prediction: str = "eps", cond=None, null_cond=None, guidance: float = 1.0,
            spacing: str = DEFAULT_SPACING, t_max: float | None = None, t_min: float | None = None,
            final_denoise: bool = True, generator: torch.Generator | None = None, progress: bool = True,
-           return_trajectory: bool = False, eta: float = 0.0, timesteps=None, guidance_space: str | None = None):
+           return_trajectory: bool = False, eta: float | None = None, timesteps=None,
+           guidance_space: str | None = None):
     """Draw samples from ``model`` starting at ``noise`` (pure N(0, I) at t_max).
 
     ``sampler``: ``ddpm`` (ancestral), ``ddim`` (``eta`` 0..1), ``dpm++2m``, ``dpm++3m``, ``euler``.
+    ``eta``: the DDIM noise scale; None means the sampler's own: 0 for ddim, 1 for ddpm (DDPM *is*
+    DDIM with eta = 1, so ddpm with another eta is refused: ask for ddim with it). The ODE solvers
+    (dpm++, euler) add no noise and refuse an eta other than 0.
     ``steps`` is the number of model evaluations (twice the batch when guided, in one call).
     ``timesteps``: an explicit decreasing grid of ``steps + 1`` times (overrides spacing, t_max, t_min).
     With eps prediction the model cannot give x0 where alpha = 0, so rectified then starts at t = 0.999.
@@ -360,6 +364,7 @@ def sample(model, noise: torch.Tensor, schedule, *, sampler: str = "ddim", steps
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    eta = _sampler_eta(sampler, eta)
     schedule = get_schedule(schedule)
     if timesteps is not None:
         ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
@@ -379,12 +384,27 @@ def sample(model, noise: torch.Tensor, schedule, *, sampler: str = "ddim", steps
     kw = dict(final_denoise=final_denoise, progress=progress, trajectory=traj)
     with torch.no_grad():
         if sampler in ("ddim", "ddpm"):
-            x = sample_ddim(denoiser, x, ts, schedule, eta=1.0 if sampler == "ddpm" else eta, generator=generator, **kw)
+            x = sample_ddim(denoiser, x, ts, schedule, eta=eta, generator=generator, **kw)
         elif sampler == "euler":
             x = sample_euler(denoiser, x, ts, schedule, **kw)
         else:
             x = sample_dpmpp(denoiser, x, ts, schedule, order=int(sampler[-2]), **kw)
     return (x, traj) if return_trajectory else x
+
+
+def _sampler_eta(sampler: str, eta: float | None) -> float:
+    """The DDIM eta a sampler runs with: the default of each, and the combinations that mean nothing refused."""
+    if sampler == "ddim":
+        return 0.0 if eta is None else float(eta)
+    if sampler == "ddpm":
+        if eta is not None and float(eta) != 1.0:
+            raise ValueError(f"sampler='ddpm' is DDIM with eta=1 by definition; for eta={eta} use "
+                             f"sampler='ddim', eta={eta}")
+        return 1.0
+    if eta is not None and float(eta) != 0.0:
+        raise ValueError(f"sampler={sampler!r} solves the probability-flow ODE and adds no noise, so eta={eta} "
+                         f"would be ignored; use sampler='ddim', eta={eta} for a stochastic sampler")
+    return 0.0
 
 
 @torch.no_grad()

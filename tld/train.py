@@ -58,7 +58,7 @@ from .text import load_text_encoder, train_tiny_clip
 from .viz import image_grid
 
 __all__ = ["train", "main", "NonFiniteLoss", "build_dataset", "model_kwargs", "StepBatchSampler", "step_randomness",
-           "rank_slice", "rank_randomness", "TensorFileDataset", "TextCached", "prepare_text_encoders",
+           "rank_slice", "TensorFileDataset", "TextCached", "prepare_text_encoders",
            "cache_text_dataset", "save_pipeline", "save_samples", "generate", "sample_grid_labels",
            # moved in the redesign, re-exported here for one release: import them from their new homes
            "TrainConfig", "PRESETS", "GPU_RECIPES", "config_from_args", "validate",     # tld.config
@@ -242,14 +242,6 @@ def rank_slice(global_batch: int, rank: int, world: int, accum: int, micro_step:
     return slice(lo, lo + micro)
 
 
-def rank_randomness(cfg: TrainConfig, step: int, shape: tuple, num_classes: int, rank: int, world: int,
-                    micro_step: int = 0):
-    """What one rank draws for one micro-batch: its rows of the step's (times, noise, dropout mask)."""
-    t, eps, drop = step_randomness(cfg, step, (cfg.batch_size, *shape), num_classes)
-    sl = rank_slice(cfg.batch_size, rank, world, cfg.grad_accum, micro_step)
-    return t[sl], eps[sl], None if drop is None else drop[sl]
-
-
 def model_kwargs(cfg: TrainConfig, dataset) -> dict:
     """What the model is built with: the preset, the data's shape and classes, and overrides."""
     item = dataset[0]
@@ -412,6 +404,8 @@ def build(run: Run) -> None:
     run.model_kw = model_kwargs(cfg, run.dataset)
     run.model = create(cfg.model, **run.model_kw)
     run.model.gradient_checkpointing = cfg.gradient_checkpointing
+    if run.num_classes and (cfg.class_dropout > 0 or cfg.sample_guidance != 1.0):
+        _ = run.model.null_class  # a model built without a null class says so now, not after training
     run.ema = create(cfg.model, **run.model_kw)
     run.ema.load_state_dict(run.model.state_dict())
     run.ema.requires_grad_(False).eval()
@@ -479,8 +473,10 @@ def train_step(run: Run) -> float:
         x0 = batch["image"].to(acc.device)
         t, eps = t_all[sl].to(acc.device), eps_all[sl].to(acc.device)
         cond = batch["label"] if run.num_classes else batch["text"] if run.text else None
-        if cond is not None:  # classifier-free guidance: some conditions become the model's null one
-            cond = run.raw_model.drop_condition(cond.to(acc.device), drop_all[sl].to(acc.device))
+        if cond is not None:
+            cond = cond.to(acc.device)
+        if cond is not None and cfg.class_dropout > 0:  # classifier-free guidance: some become the null condition
+            cond = run.raw_model.drop_condition(cond, drop_all[sl].to(acc.device))
         x_t = diffusion.add_noise(x0, eps, t, run.schedule)
         # gradients are all-reduced once per step, on the last micro-batch, not on every one
         sync = a == cfg.grad_accum - 1
