@@ -224,11 +224,14 @@ class ShapesDataset(Dataset):
         color = min(int(u[1] * len(self.colors)), len(self.colors) - 1)
         pos = min(int(u[2] * len(self.positions)), len(self.positions) - 1)
         lo, hi = _HALF_EXTENT
-        s = np.float32((lo + (hi - lo) * u[3]) * self.size)
+        # Every scalar is float32 so that NumPy 1's promotion (float32 scalar * Python float -> float64)
+        # gives the same bits as NumPy 2's: the dataset renders identically under both.
+        s = (np.float32(lo) + np.float32(hi - lo) * u[3]) * np.float32(self.size)
         jx, jy = (u[4:6] * 2 - 1) * np.float32(_JITTER * self.size)
         cx, cy = self._centres[pos] + np.array([jx, jy], dtype=np.float32)
         # Keep the edge (plus its half-pixel anti-aliasing ramp) > 1 pixel from the border.
-        margin = s * (_TRIANGLE_SCALE if self.shapes[shape] == "triangle" else 1) + np.float32(1.25)
+        scale = _TRIANGLE_SCALE if self.shapes[shape] == "triangle" else np.float32(1)
+        margin = s * scale + np.float32(1.25)
         cx = min(max(cx, margin), self.size - margin)
         cy = min(max(cy, margin), self.size - margin)
         return shape, color, pos, np.float32(cx), np.float32(cy), s
