@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from .data import ShapesDataset
 from .diffusion import get_schedule
@@ -253,10 +254,22 @@ def saved_activation_bytes(model, loss_fn) -> int:
     return sum(seen.values())
 
 
-def step_flops(loss_fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """A convolution's backward: each gradient it computes (input, weight) costs one forward convolution.
 
-    with FlopCounterMode(display=False) as counter:
+    torch's own formula counts the weight gradient as if the convolution were dense, ignoring groups: a
+    depthwise 3x3 (the conv MLP of TLD and uvit-course) then counts ~channels / 2 times its real cost.
+    """
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return forward * (bool(output_mask[0]) + bool(output_mask[1]))
+
+
+def step_flops(loss_fn) -> int:
+    """FLOPs of ``loss_fn().backward()`` (forward + backward), torch.utils.flop_counter's count with grouped
+    convolutions' backward counted right."""
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}) \
+            as counter:
         loss_fn().backward()
     return counter.get_total_flops()
 
