@@ -100,6 +100,26 @@ def test_resume_is_bit_identical(tmp_path):
     assert loss(log_a) == loss(log_b), "the resumed loss curve must continue the same curve"
 
 
+def test_an_fp16_resume_continues_at_the_saved_loss_scale(tmp_path):
+    """fp16 training scales the loss (GradScaler) and grows the scale as it goes; a resume that restarted
+    at the initial scale would underflow and skip steps differently from the run it continues."""
+    from accelerate import Accelerator
+
+    def accelerator():  # fp16's scaler, on a CPU (accelerate makes one only on a GPU); it doubles every 2 steps
+        acc = Accelerator(cpu=True)
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        return acc
+
+    straight = accelerator()
+    T.train(smoke(tmp_path, "straight", "max_steps=8"), accelerator=straight)
+    T.train(smoke(tmp_path, "resumed", "max_steps=8", "stop_at=4"), accelerator=accelerator())
+    saved = json.loads((tmp_path / "resumed/checkpoints/step_0000004/config.json").read_text())["grad_scaler"]
+    assert saved["scale"] == 2.0**12
+    resumed = accelerator()
+    T.train(smoke(tmp_path, "resumed", "max_steps=8", "resume=true"), accelerator=resumed)
+    assert resumed.scaler.get_scale() == straight.scaler.get_scale() == 2.0**14
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     T.train(smoke(tmp_path, "run", "stop_at=5"))
     with pytest.raises(ValueError, match="was made for model 'uvit-tiny'"):

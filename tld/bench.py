@@ -4,6 +4,7 @@
     python -m tld.bench spacing      # DPM-Solver++(2M) error for each step spacing (the default's evidence)
     python -m tld.bench train        # training steps/s and memory: tld's DiT vs diffusers' DiTTransformer2DModel
     python -m tld.bench data         # Shapes rendering rate, against what a training step consumes
+    python -m tld.bench colab        # each training lesson's preset="colab": FLOPs, steps, estimated Colab T4 time
 
 Each subcommand is a function in ``COMMANDS``; add one (e.g. ``train``) by writing ``bench_train(argv)``
 and registering it there.
@@ -17,12 +18,16 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from .config import config_from_args
 from .data import ShapesDataset
 from .diffusion import get_schedule
 from .gmm import GMM, rms_error
 from .models import create
 from .samplers import sample
+from .train import build_dataset, model_kwargs
 
 STEPS = (5, 10, 20, 50)
 OURS = ("ddim", "euler", "dpm++2m", "dpm++3m")
@@ -253,10 +258,22 @@ def saved_activation_bytes(model, loss_fn) -> int:
     return sum(seen.values())
 
 
-def step_flops(loss_fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """A convolution's backward: each gradient it computes (input, weight) costs one forward convolution.
 
-    with FlopCounterMode(display=False) as counter:
+    torch's own formula counts the weight gradient as if the convolution were dense, ignoring groups: a
+    depthwise 3x3 (the conv MLP of TLD and uvit-course) then counts ~channels / 2 times its real cost.
+    """
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return forward * (bool(output_mask[0]) + bool(output_mask[1]))
+
+
+def step_flops(loss_fn) -> int:
+    """FLOPs of ``loss_fn().backward()`` (forward + backward), torch.utils.flop_counter's count with grouped
+    convolutions' backward counted right."""
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}) \
+            as counter:
         loss_fn().backward()
     return counter.get_total_flops()
 
@@ -434,7 +451,233 @@ def bench_data(argv=None) -> dict:
     return r
 
 
-COMMANDS = {"samplers": bench_samplers, "spacing": bench_spacing, "train": bench_train, "data": bench_data}
+# ---------------------------------------------------------------------------------------------
+# colab: what each training lesson trains at preset="colab", and its estimated time on a Colab T4
+# ---------------------------------------------------------------------------------------------
+
+# NVIDIA's T4 datasheet: 65 TFLOP/s fp16 on tensor cores, 8.1 TFLOP/s fp32 (Turing has no TF32 or bf16)
+T4_PEAK = {"fp16": 65e12, "fp32": 8.1e12}
+# An assumption, not a measurement: the share of that peak small models like these reach
+T4_FRACTION = 0.25
+# Measured (README, Benchmarks): `python -m tld.train preset=cpu-demo mixed_precision=bf16 max_steps=600` ran
+# 28.2 steps/s on one H100, under 0.2% of its peak: a step that small is paid for in host time (Python,
+# dispatch, kernel launches, rendering the batch), so steps/s there give a per-operator host cost
+H100_CPU_DEMO_STEPS_PER_S = 28.2
+
+# Each training lesson's preset="colab" configuration, mirrored from the notebooks (tests/test_bench.py runs
+# the lessons' configuration cells with preset="colab" and CUDA reported present, and checks them against
+# this table: change both together). Lessons that train through tld.train give their key=value arguments;
+# lesson 05 trains by hand, and gives its parameters. ``steps`` is every optimiser step the lesson takes.
+COLAB_LESSONS = {
+    "04_uvit_long_skips": dict(
+        precision="fp16", steps=1000, note="three runs, one per skip",
+        train=["preset=smoke", "max_steps=1000", "batch_size=64", "mixed_precision=fp16", "lr=2e-3",
+               "warmup_steps=20", "log_every=10", "prediction=x0", "model.depth=6", "model.embed_dim=48",
+               "model.patch_size=2", "model.num_heads=4"],
+        runs={"skip=None": ["model.skip=none"], "skip=add": ["model.skip=add"],
+              "skip=concat": ["model.skip=concat"]}),
+    "05_dit_adaln_zero": dict(
+        precision="fp32", steps=1500, note="four arms, trained by hand in fp32",
+        hand=dict(image_size=32, patch_size=4, width=128, depth=4, heads=4, batch_size=32, steps=1500),
+        runs={"in-context": [], "adaLN-Zero": [], "cross-attention (TLD)": [], "TLD, plain MLP": []}),
+    "06_training_loop": dict(
+        # the hand-written loop and tld.train (2 x 2000), then the short runs of sections 4-6: 3 + 3 (4 x 8
+        # accumulated) + 3 (checkpointed) + 40 + 20 + 20 (resumed), counted here at the main run's cost
+        precision="fp32", steps=2 * 2000 + 89, note="hand loop + tld.train, deterministic fp32",
+        train=["image_size=32", "batch_size=32", "max_steps=2000", "lr=0.002", "ema_decay=0.95", "warmup_steps=20",
+               "model=uvit-course", "model.patch_size=4", "model.embed_dim=64", "model.depth=4",
+               "model.conv_mlp=false", "deterministic=true"],
+        runs={"uvit-course, width 64": []}),
+    "12_full_training_run": dict(
+        # the run, then a copy stopped half-way and resumed: 2 x 3000
+        precision="fp16", steps=2 * 3000, note="the cpu-demo recipe; the run + its resumed copy",
+        train=["preset=cpu-demo", "max_steps=3000", "max_minutes=0", "mixed_precision=fp16", "deterministic=true"],
+        runs={"uvit-course (cpu-demo)": []}),
+}
+
+
+def colab_config(lesson: str, run: str):
+    """The TrainConfig of one run of a tld.train lesson's colab preset (as the lesson builds it on a GPU)."""
+    spec = COLAB_LESSONS[lesson]
+    return config_from_args(spec["train"] + spec["runs"][run])
+
+
+def lesson05_models(hand: dict) -> dict:
+    """Lesson 05's four arms, built as its training cell builds them."""
+    common = dict(img_size=hand["image_size"], in_chans=3, num_classes=18, patch_size=hand["patch_size"])
+    width, depth, heads = hand["width"], hand["depth"], hand["heads"]
+    tld_kw = dict(embed_dim=width, depth=depth, head_dim=width // heads, noise_embed_dim=64, **common)
+    return {
+        "in-context": lambda: create("dit-course", conditioning="in-context", embed_dim=width, depth=depth,
+                                     num_heads=heads, **common),
+        "adaLN-Zero": lambda: create("dit-course", embed_dim=width, depth=depth, num_heads=heads, **common),
+        "cross-attention (TLD)": lambda: create("tld-course", **tld_kw),
+        "TLD, plain MLP": lambda: create("tld-course", conv_mlp=False, **tld_kw),
+    }
+
+
+def colab_runs() -> list[dict]:
+    """Every run of the table: lesson, run, a model factory, its batch, image size and classes."""
+    out = []
+    for lesson, spec in COLAB_LESSONS.items():
+        if "hand" in spec:
+            h = spec["hand"]
+            for run, make in lesson05_models(h).items():
+                out.append(dict(lesson=lesson, run=run, make=make, batch=h["batch_size"], size=h["image_size"],
+                                classes=18, precision=spec["precision"], steps=spec["steps"]))
+            continue
+        for run in spec["runs"]:
+            cfg = colab_config(lesson, run)
+            kw = model_kwargs(cfg, build_dataset(cfg))
+            out.append(dict(lesson=lesson, run=run, make=lambda cfg=cfg, kw=kw: create(cfg.model, **kw),
+                            batch=cfg.batch_size, size=kw["img_size"], classes=kw["num_classes"],
+                            precision=spec["precision"], steps=spec["steps"]))
+    return out
+
+
+def _closure(model, batch: int, size: int, classes: int, amp: bool = False):
+    """forward + MSE loss on a fixed random batch, as one training step computes it; returns loss_fn."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, model.in_chans, size, size, generator=g)
+    target = torch.randn(x.shape, generator=g)
+    t = torch.rand(batch, generator=g)
+    y = torch.randint(0, max(classes, 1), (batch,), generator=g) if classes else None
+
+    def loss_fn():
+        # a T4 autocasts to fp16; a CPU's autocast (bf16) casts the same operators, so it counts them alike
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(x, t, y)
+        return (out.float() - target).pow(2).mean()
+
+    return loss_fn
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operators a region calls (each one host-side work, and on a GPU a kernel launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_ops(loss_fn) -> int:
+    """ATen operators in one forward + backward (independent of the batch size)."""
+    with _OpCounter() as counter:
+        loss_fn().backward()
+    return counter.count
+
+
+def cpu_step_seconds(model, loss_fn, repeats: int) -> float:
+    """Median seconds of one fp32 training step (forward, backward, AdamW) on this CPU, after a warm-up."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        loss_fn().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    if seconds < 6000:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def colab_table(flop_batch: int = 8, time_repeats: int = 1) -> dict:
+    """Per run and per lesson: parameters, FLOPs, steps, CPU seconds per step and the T4 estimates.
+
+    FLOPs are counted at ``flop_batch`` (at most the run's batch) and scaled linearly to the run's batch,
+    which is exact: every counted operator (matmuls, convolutions, attention) is per example.
+    """
+    torch.manual_seed(0)
+    calib = create("uvit-course")  # the measured cpu-demo step, counted the same way
+    host_per_op = 1 / H100_CPU_DEMO_STEPS_PER_S / step_ops(_closure(calib, 2, 32, 18, amp=True))
+    rows, lessons = [], {}
+    for r in colab_runs():
+        torch.manual_seed(0)
+        model = r["make"]().train()
+        b = min(flop_batch, r["batch"])
+        flops = step_flops(_closure(model, b, r["size"], r["classes"])) * r["batch"] / b
+        model.zero_grad(set_to_none=True)
+        ops = step_ops(_closure(model, 2, r["size"], r["classes"], amp=r["precision"] == "fp16"))
+        model.zero_grad(set_to_none=True)
+        cpu_s = (cpu_step_seconds(model, _closure(model, r["batch"], r["size"], r["classes"]), time_repeats)
+                 if time_repeats else float("nan"))
+        total = flops * r["steps"]
+        peak = T4_PEAK[r["precision"]]
+        row = dict(lesson=r["lesson"], run=r["run"], params=sum(p.numel() for p in model.parameters()),
+                   batch=r["batch"], gflop_per_step=flops / 1e9, steps=r["steps"], tflop=total / 1e12,
+                   precision=r["precision"], cpu_s_per_step=cpu_s, ops_per_step=ops,
+                   t4_at_peak_s=total / peak, t4_at_fraction_s=total / (T4_FRACTION * peak),
+                   host_floor_s=r["steps"] * ops * host_per_op)
+        row["t4_estimate_s"] = max(row["t4_at_fraction_s"], row["host_floor_s"])
+        rows.append(row)
+        agg = lessons.setdefault(r["lesson"], dict(lesson=r["lesson"], steps=0, tflop=0.0, t4_at_peak_s=0.0,
+                                                   t4_at_fraction_s=0.0, host_floor_s=0.0, t4_estimate_s=0.0))
+        for k in ("steps", "tflop", "t4_at_peak_s", "t4_at_fraction_s", "host_floor_s", "t4_estimate_s"):
+            agg[k] += row[k]
+    return {"rows": rows, "lessons": lessons, "host_s_per_op": host_per_op, "flop_batch": flop_batch}
+
+
+def bench_colab(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m tld.bench colab")
+    p.add_argument("--flop-batch", type=int, default=8,
+                   help="count FLOPs at this batch, scaled linearly to each run's (exact: every op is per example)")
+    p.add_argument("--repeats", type=int, default=1, help="timed CPU steps per run (0: skip the CPU timing)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on this CPU")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    res = colab_table(args.flop_batch, args.repeats)
+    print('preset="colab" of each training lesson, one row per model it trains: the FLOPs of one training step')
+    print(f"(torch.utils.flop_counter, forward + backward, counted at batch {args.flop_batch} and scaled linearly), "
+          f"one fp32 step timed on this CPU")
+    print(f"({args.threads} thread(s)), and estimates for a Colab T4 from the FLOPs and the operator count: "
+          f"no GPU measured.")
+    times = f"{'T4 100%':>8s} {'T4 25%':>8s} {'host':>8s} {'T4 est.':>8s}"
+    print(f"{'lesson':21s} {'run':22s} {'params':>9s} {'batch':>5s} {'GFLOP/step':>10s} {'prec':>4s} "
+          f"{'CPU s/step':>10s} {'steps':>6s} {'TFLOP':>6s} {times}")
+
+    def spans(r):
+        return " ".join(f"{_duration(r[k]):>8s}" for k in ("t4_at_peak_s", "t4_at_fraction_s", "host_floor_s",
+                                                              "t4_estimate_s"))
+
+    for r in res["rows"]:
+        print(f"{r['lesson']:21s} {r['run']:22s} {r['params']:>9,} {r['batch']:>5d} {r['gflop_per_step']:>10.2f} "
+              f"{r['precision']:>4s} {r['cpu_s_per_step']:>10.2f} {r['steps']:>6d} {r['tflop']:>6.1f} {spans(r)}")
+    print()
+    print(f"{'lesson (all its runs)':21s} {'':67s} {'steps':>6s} {'TFLOP':>6s} {times}")
+    for name, a in res["lessons"].items():
+        print(f"{name:21s} {COLAB_LESSONS[name]['note']:67s} {a['steps']:>6d} {a['tflop']:>6.1f} {spans(a)}")
+    print()
+    print(f"T4 100% and 25%: the FLOPs at the T4's peak for the run's precision (fp16 on tensor cores "
+          f"{T4_PEAK['fp16'] / 1e12:.0f} TFLOP/s, fp32")
+    print(f"{T4_PEAK['fp32'] / 1e12:.1f}) and at {T4_FRACTION:.0%} of it, an assumption for models this small. "
+          f"host: a floor from the ATen operators per step")
+    print(f"(counted here) at {1e6 * res['host_s_per_op']:.1f} us each, the cost implied by preset=cpu-demo's "
+          f"{H100_CPU_DEMO_STEPS_PER_S} steps/s measured on one H100 (README);")
+    print("Colab's two vCPUs are likely slower. T4 est.: the larger of the two, training steps only (no sampling, "
+          "evaluation or install).")
+    return res
+
+
+COMMANDS = {"samplers": bench_samplers, "spacing": bench_spacing, "train": bench_train, "data": bench_data,
+            "colab": bench_colab}
 
 
 def main(argv=None) -> None:

@@ -415,8 +415,8 @@ def build(run: Run) -> None:
 
 
 def resume(run: Run) -> None:
-    """With resume=true, continue from the latest checkpoint: weights, EMA, optimizer state and step.
-    Nothing else is needed, because every step's randomness is a function of (seed, step)."""
+    """With resume=true, continue from the latest checkpoint: weights, EMA, optimizer state and step (and
+    fp16's loss scale). Nothing else is needed, because every step's randomness is a function of (seed, step)."""
     if not run.cfg.resume:
         return
     ckpt = latest_checkpoint(run.out_dir)
@@ -428,7 +428,11 @@ def resume(run: Run) -> None:
     if meta["model"] != run.cfg.model or meta["model_kwargs"] != json.loads(json.dumps(run.model_kw)):
         raise ValueError(f"checkpoint {ckpt} was made for model {meta['model']!r} with {meta['model_kwargs']}, "
                          f"not {run.cfg.model!r} with {run.model_kw}")
-    run.start_step = run.step = load_checkpoint_state(ckpt, run.model, run.ema, run.optimizer)["step"]
+    state = load_checkpoint_state(ckpt, run.model, run.ema, run.optimizer)
+    run.start_step = run.step = state["step"]
+    scaler = getattr(run.accelerator, "scaler", None)
+    if scaler is not None and state.get("grad_scaler"):  # fp16: go on at the saved loss scale, not the initial one
+        scaler.load_state_dict(state["grad_scaler"])
     if run.main:
         print(f"resumed from {ckpt} at step {run.start_step}")
 
@@ -546,6 +550,9 @@ def _save(run: Run) -> None:
     run.accelerator.wait_for_everyone()
     if run.main:
         meta = {"train_config": asdict(run.cfg), "model": run.cfg.model, "model_kwargs": run.model_kw}
+        scaler = getattr(run.accelerator, "scaler", None)
+        if scaler is not None:  # fp16's loss scale and its growth count, so a resume continues them exactly
+            meta["grad_scaler"] = scaler.state_dict()
         save_checkpoint(run.out_dir, run.step, run.raw_model, run.ema, run.optimizer, meta,
                         keep=run.cfg.keep_checkpoints)
     run.accelerator.wait_for_everyone()
