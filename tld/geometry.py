@@ -67,7 +67,7 @@ def _coverage(images: np.ndarray) -> np.ndarray:
     return np.clip(proj, 0, 1).reshape(b, *images.shape[-2:])
 
 
-def _iou(cov, shape, xs, ys, cx, cy, s, edge=np.float32(1.0)) -> np.ndarray:
+def _iou(cov, shape, xs, ys, cx, cy, s, edge=1.0) -> np.ndarray:
     ideal = np.clip(np.float32(0.5) - _signed_distance(shape, xs, ys, cx, cy, s) / edge, 0, 1)
     return np.minimum(ideal, cov).sum((-1, -2)) / np.maximum(np.maximum(ideal, cov).sum((-1, -2)), 1e-6)
 
@@ -81,7 +81,7 @@ def _fit_one(cov: np.ndarray, shape: str, xs: np.ndarray, ys: np.ndarray) -> tup
     cx, cy = np.float32((cov * xs).sum() / mass), np.float32((cov * ys).sum() / mass)
     if shape == "triangle":   # its centroid sits a third of the half-height below the centre of its box
         cy -= _TRIANGLE_SCALE * s / 3
-    step, sstep, best = np.float32(1.0), np.float32(0.08), 0.0
+    step, sstep = np.float32(1.0), np.float32(0.08)
     grid = np.linspace(-2, 2, 5, dtype=np.float32)
     for _ in range(_ROUNDS):
         cxs = (cx + step * grid)[:, None, None, None, None]
@@ -89,9 +89,10 @@ def _fit_one(cov: np.ndarray, shape: str, xs: np.ndarray, ys: np.ndarray) -> tup
         ss = (s * (1 + sstep * grid))[None, None, :, None, None]
         iou = _iou(cov, shape, xs[None, None, None], ys[None, None, None], cxs, cys, ss)
         i, j, k = np.unravel_index(int(iou.argmax()), iou.shape)
-        cx, cy, s, best = cxs[i, 0, 0, 0, 0], cys[0, j, 0, 0, 0], ss[0, 0, k, 0, 0], float(iou.max())
+        cx, cy, s = cxs[i, 0, 0, 0, 0], cys[0, j, 0, 0, 0], ss[0, 0, k, 0, 0]
         step, sstep = step / 2, sstep / 2
     # a softer edge than the renders' 1-pixel ramp (a decoder's blur) is not a wrong shape: fit its width too
+    # (this last grid holds the best fit so far, at edge 1, so it can only improve on it)
     edges = np.asarray(_EDGES, dtype=np.float32)[None, None, None, :, None, None]
     cxs = (cx + step * grid[1:4])[:, None, None, None, None, None]
     cys = (cy + step * grid[1:4])[None, :, None, None, None, None]
