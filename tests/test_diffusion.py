@@ -245,3 +245,27 @@ def test_unknown_names_raise_value_error_naming_them():
         target(x, x, torch.rand(2), get_schedule("rectified"), "velocity")
     with pytest.raises(ValueError, match="a=2.0, b=3.0"):
         sample_t(4, "beta", beta_a=2.0, beta_b=3.0)
+
+
+# -------------------------------------------------------------------- eps / x0 / v as weightings of one loss
+
+@pytest.mark.parametrize("name", ["vp-linear", "vp-cosine", "rectified"])
+def test_each_prediction_loss_is_the_x0_error_times_x0_error_scale(name):
+    from tld.diffusion import convert, get_schedule, loss, x0_error_scale
+    sched = get_schedule(name)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.05, 0.2, 0.4, 0.6, 0.8, 0.95], dtype=torch.float64)
+    x_t = add_noise(x0, eps, t, sched)
+    x0_hat = x0 + 0.3 * torch.randn(x0.shape, generator=g, dtype=torch.float64)   # one wrong guess of x0
+    err_x0 = (x0_hat - x0).pow(2).flatten(1).mean(1)
+    for prediction in ("eps", "x0", "v"):
+        pred = convert(x0_hat, x_t, t, sched, "x0", prediction)   # the same guess, said in that prediction
+        got = loss(pred, x0, eps, t, sched, prediction).double()
+        torch.testing.assert_close(got, err_x0 * x0_error_scale(t, sched, prediction), rtol=1e-4, atol=1e-9)
+        # min-SNR-gamma is one objective whatever the prediction: min(SNR, 5) times the x0 error
+        snr = sched.alpha(t) ** 2 / sched.sigma(t) ** 2
+        weighted = loss(pred, x0, eps, t, sched, prediction, "min-snr", 5.0).double()
+        torch.testing.assert_close(weighted, err_x0 * snr.clamp(max=5.0), rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="unknown loss weighting 'snr'"):
+        loss(x0_hat, x0, eps, t, sched, "x0", "snr")

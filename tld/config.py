@@ -49,6 +49,8 @@ class TrainConfig:
     schedule: str = "vp-cosine"
     prediction: str = "v"
     time_sampler: str = "uniform"
+    loss_weighting: str = "none"  # none | min-snr (min(SNR, gamma) times the implied x0's squared error)
+    min_snr_gamma: float = 5.0
     # optimisation
     batch_size: int = 64  # the GLOBAL batch; fixed whatever the number of processes
     grad_accum: int = 1  # micro-batches per process per step
@@ -266,6 +268,7 @@ def validate(cfg: TrainConfig) -> None:
         "schedule": tuple(diffusion.SCHEDULES),
         "prediction": diffusion.PREDICTIONS,
         "time_sampler": diffusion.TIME_SAMPLERS,
+        "loss_weighting": diffusion.LOSS_WEIGHTINGS,
         "lr_schedule": LR_SCHEDULES,
         "mixed_precision": ("no", "fp16", "bf16"),
     }

@@ -24,6 +24,7 @@ import torch
 
 PREDICTIONS = ("eps", "x0", "v")
 TIME_SAMPLERS = ("uniform", "beta", "logit-normal")
+LOSS_WEIGHTINGS = ("none", "min-snr")
 
 
 def _as_tensor(t) -> torch.Tensor:
@@ -288,13 +289,46 @@ def sample_t(n: int, kind: str = "uniform", *, generator: torch.Generator | None
     return t_min + (t_max - t_min) * u
 
 
+def x0_error_scale(t: torch.Tensor, schedule: Schedule, prediction: str) -> torch.Tensor:
+    """How much larger the squared error of a ``prediction`` is than the error of the x0 it implies ([B]).
+
+    With x_t fixed, a prediction's error is a multiple of the implied x0's error: eps = (x_t - alpha x0) / sigma
+    gives eps_hat - eps = -(alpha / sigma)(x0_hat - x0), and v = alpha eps - sigma x0 gives
+    v_hat - v = -((alpha^2 + sigma^2) / sigma)(x0_hat - x0). So the eps, x0 and v losses are one loss, the
+    x0 error, weighted per t by SNR = alpha^2 / sigma^2, 1 and (alpha^2 + sigma^2)^2 / sigma^2 (SNR + 1 on a
+    VP schedule; Kingma et al. 2021 and Hang et al. 2023 write the same identity).
+    """
+    _check_prediction(prediction)
+    a, s = schedule.alpha(t).double(), schedule.sigma(t).double()
+    if prediction == "x0":
+        return torch.ones_like(a)
+    if prediction == "eps":
+        return a**2 / s**2
+    return (a**2 + s**2) ** 2 / s**2
+
+
 def loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
-         schedule: Schedule, prediction: str) -> torch.Tensor:
-    """Mean squared error against the target of ``prediction``, one value per example ([B])."""
+         schedule: Schedule, prediction: str, weighting: str = "none", gamma: float = 5.0) -> torch.Tensor:
+    """Mean squared error against the target of ``prediction``, one value per example ([B]).
+
+    ``weighting="min-snr"`` is Min-SNR-gamma (Hang et al. 2023): whatever the prediction, the loss becomes
+    min(SNR, gamma) times the squared error of the implied x0, i.e. the prediction's error divided by
+    ``x0_error_scale`` and multiplied by min(SNR, gamma). High-SNR (nearly clean) times stop dominating
+    and the very noisy ones are damped, as in x0 prediction for t near 1.
+    """
     tgt = target(x0, eps, t, schedule, prediction)
     if pred.shape != tgt.shape:
         raise ValueError(f"model output has shape {tuple(pred.shape)}, expected {tuple(tgt.shape)}")
-    return (pred.float() - tgt.float()).pow(2).flatten(1).mean(1)
+    err = (pred.float() - tgt.float()).pow(2).flatten(1).mean(1)
+    if weighting == "none":
+        return err
+    if weighting != "min-snr":
+        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+    if not gamma > 0:
+        raise ValueError(f"min-snr gamma must be > 0, got {gamma}")
+    snr = schedule.alpha(t).double() ** 2 / schedule.sigma(t).double().clamp_min(1e-12) ** 2
+    w = snr.clamp(max=gamma) / x0_error_scale(t, schedule, prediction).clamp_min(1e-12)
+    return err * w.to(err.dtype)
 
 
 def training_loss(model, x0: torch.Tensor, cond, schedule: Schedule, *, prediction: str = "eps",

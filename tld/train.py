@@ -487,7 +487,8 @@ def train_step(run: Run) -> float:
         ctx = acc.no_sync(run.model) if not sync and world > 1 else contextlib.nullcontext()
         with ctx, acc.autocast():
             pred = run.model(x_t, t, cond)
-            loss = diffusion.loss(pred, x0, eps, t, run.schedule, cfg.prediction).mean() / cfg.grad_accum
+            loss = diffusion.loss(pred, x0, eps, t, run.schedule, cfg.prediction, cfg.loss_weighting,
+                                  cfg.min_snr_gamma).mean() / cfg.grad_accum
         acc.backward(loss)
         step_loss += loss.detach()
     # the logged loss is the mean over every process's micro-batches
