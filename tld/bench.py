@@ -21,6 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from . import quality
 from .config import config_from_args
 from .data import ShapesDataset
 from .diffusion import get_schedule
@@ -677,7 +678,7 @@ def bench_colab(argv=None) -> dict:
 
 
 COMMANDS = {"samplers": bench_samplers, "spacing": bench_spacing, "train": bench_train, "data": bench_data,
-            "colab": bench_colab}
+            "colab": bench_colab, "quality": quality.main}
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,153 @@
+"""Which CPU recipe learns the shapes soonest: train each arm, read its samples two ways (``bench quality``).
+
+    python -m tld.bench quality                          # every arm, 600 steps each
+    python -m tld.bench quality steps=300 arms=x0,v      # a shorter sweep of some arms
+
+Every arm is ``preset=cpu-demo`` with a few keys changed (``ARMS``), trained from the same seed for the
+same number of steps, checkpointed ``evals`` times along the way. Each checkpoint's EMA weights draw
+``per_class`` samples of every class (DDIM, guidance 3, the demo's sampling) that two readers score:
+
+- the shapes classifier (`tld.judge`): color, shape and both;
+- the geometric reader (`tld.geometry`): the shape read by fitting the ideal outlines, and ``strict``, the
+  fraction read right *and* fitting at render precision (IoU >= ``strict_iou``).
+
+The table gives the training minutes each checkpoint took on this machine. On a shared machine the
+minutes move with the load while the steps do not, so compare arms at equal steps, and their speed by
+``steps/s``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import assets
+from . import train as T
+from .config import config_from_args, parse_key_values
+from .data import DEFAULT_COLORS, SHAPES
+from .geometry import geometric_accuracy
+from .judge import shapes_accuracy
+from .runs import checkpoint_folder, load_model
+
+__all__ = ["ARMS", "read_samples", "print_reads", "shipped_class_samples", "score_model", "run_arm", "sweep", "format_table", "main"]
+
+# name: the keys each arm changes in preset=cpu-demo (x0 prediction, uniform t, lr 2e-3, batch 64, U-ViT
+# uvit-course: width 128, depth 6, patch 4, depthwise-conv MLP)
+ARMS: dict[str, list[str]] = {
+    "x0": [],
+    "v": ["prediction=v"],
+    "eps": ["prediction=eps"],
+    "x0+min-snr5": ["loss_weighting=min-snr", "min_snr_gamma=5"],
+    "x0+logit-normal-t": ["time_sampler=logit-normal"],
+    "x0+lr4e-3": ["lr=4e-3"],
+    "x0+batch32": ["batch_size=32"],
+    "x0-conv-mlp": ["model.conv_mlp=False"],
+    "x0+wide192-depth4": ["model.embed_dim=192", "model.depth=4", "model.num_heads=6"],
+}
+
+
+def read_samples(images, labels, colors=DEFAULT_COLORS) -> dict:
+    """Class samples [B, 3, H, W] in [-1, 1] with their labels (shape * n_colors + color), read two ways.
+
+    Returns the shapes classifier's 'color', 'shape' and 'both' (`tld.judge.shapes_accuracy`) and the
+    geometric reader's 'geo_shape', 'strict' and 'iou' (`tld.geometry.geometric_accuracy`).
+    """
+    labels = torch.as_tensor(labels)
+    shapes, cols = labels // len(colors), labels % len(colors)
+    clf = shapes_accuracy(images, shapes, cols)
+    geo = geometric_accuracy(images, [SHAPES[int(s)] for s in shapes])
+    return {"color": clf["color"], "shape": clf["shape"], "both": clf["all"], "geo_shape": geo["shape"],
+            "strict": geo["strict"], "iou": geo["iou"]}
+
+
+def print_reads(reads: dict) -> None:
+    """One line per set of samples: both readers' figures (``read_samples``'s keys)."""
+    width = max(len(k) for k in reads) + 2
+    print(f"{'samples':<{width}}{'color':>7}{'shape':>7}{'geometry: shape':>17}{'strict':>8}{'IoU':>6}")
+    for k, r in reads.items():
+        print(f"{k:<{width}}{r['color']:>7.2f}{r['shape']:>7.2f}{r['geo_shape']:>17.2f}{r['strict']:>8.2f}{r['iou']:>6.2f}")
+
+
+@torch.no_grad()
+def shipped_class_samples(labels, steps: int = 20, guidance: float = 3.0, seed: int = 0, device="cpu") -> torch.Tensor:
+    """Samples [B, 3, 32, 32] in [-1, 1] of the given classes from the shipped ``shapes-cond`` U-ViT."""
+    model = load_model(assets.path("shapes-cond"), device=device)
+    labels = torch.as_tensor(labels).to(device)
+    return T.generate(model, model.train_config, labels, steps=steps, guidance=guidance, seed=seed).cpu()
+
+
+@torch.no_grad()
+def score_model(model, per_class: int = 4, steps: int = 30, guidance: float = 3.0, seed: int = 0) -> dict:
+    """Sample ``per_class`` images of every class and read them with both readers."""
+    labels = T.sample_grid_labels(model.num_classes, per_class)
+    images = T.generate(model, model.train_config, labels, steps=steps, guidance=guidance, seed=seed, sampler="ddim")
+    return {**read_samples(images, labels), "images": images, "labels": labels}
+
+
+def run_arm(name: str, keys: list[str], steps: int, evals: int, root: Path, threads: int = 0,
+            per_class: int = 4) -> list[dict]:
+    """Train one arm for ``steps`` steps and score it at ``evals`` evenly spaced checkpoints."""
+    every = max(1, steps // evals)
+    args = ["preset=cpu-demo", *keys, f"max_steps={steps}", "max_minutes=0", f"save_every={every}",
+            f"keep_checkpoints={evals + 1}", f"log_every={every}", "progress=false",
+            f"out_dir={root / name}", f"threads={threads}"]
+    cfg = config_from_args(args)
+    summary = T.train(cfg)
+    seconds = {r["step"]: r["seconds"] for r in map(json.loads, (root / name / "log.jsonl").read_text().splitlines())}
+    rows = []
+    for step in sorted({min(k * every, steps) for k in range(1, evals + 1)} | {steps}):
+        folder = checkpoint_folder(root / name, step)
+        if not folder.exists():
+            continue
+        s = score_model(load_model(folder), per_class=per_class)
+        rows.append({"arm": name, "step": step, "minutes": seconds.get(step, summary["seconds"]) / 60,
+                     "steps_per_s": summary["steps_per_second"], **{k: v for k, v in s.items()
+                                                                     if k not in ("images", "labels")}})
+    return rows
+
+
+def sweep(arms=None, steps: int = 600, evals: int = 3, threads: int = 0, root=None, per_class: int = 4) -> list[dict]:
+    """Every arm of ``arms`` (names of ``ARMS``; all by default), trained and scored; rows of the table."""
+    names = list(ARMS) if arms is None else list(arms)
+    unknown = [a for a in names if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; expected some of {list(ARMS)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(root) if root else Path(tmp)
+        rows = []
+        for name in names:
+            t0 = time.perf_counter()
+            arm = run_arm(name, ARMS[name], steps, evals, base, threads, per_class)
+            rows += arm
+            # each arm's rows as soon as it is done: a long sweep stopped part-way still has them
+            print(f"{format_table(arm)}\n  ({name}: {(time.perf_counter() - t0) / 60:.1f} min with sampling)", flush=True)
+        return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'arm':<20}{'step':>6}{'min':>7}{'steps/s':>9}   {'classifier: color':>17}{'shape':>7}{'both':>7}"
+            f"   {'geometry: shape':>15}{'strict':>8}{'IoU':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['arm']:<20}{r['step']:>6}{r['minutes']:>7.1f}{r['steps_per_s']:>9.2f}   "
+                     f"{r['color']:>17.3f}{r['shape']:>7.3f}{r['both']:>7.3f}   "
+                     f"{r['geo_shape']:>15.3f}{r['strict']:>8.3f}{r['iou']:>7.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    opts = dict(parse_key_values(argv or [], hint=" (e.g. steps=300 arms=x0,v evals=3 threads=2)"))
+    known = {"steps", "arms", "evals", "threads", "per_class", "out"}
+    if set(opts) - known:
+        raise ValueError(f"unknown option(s) {sorted(set(opts) - known)}; expected some of {sorted(known)}")
+    arms = opts["arms"].split(",") if "arms" in opts else None
+    steps, evals = int(opts.get("steps", 600)), int(opts.get("evals", 3))
+    print(f"bench quality: {steps} steps per arm, scored at {evals} checkpoints "
+          f"(DDIM 30, guidance 3, {int(opts.get('per_class', 4))} samples per class)", flush=True)
+    rows = sweep(arms, steps, evals, int(opts.get("threads", 0)), opts.get("out"), int(opts.get("per_class", 4)))
+    print(format_table(rows))
+    return {"rows": rows}
