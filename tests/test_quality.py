@@ -21,6 +21,7 @@ def test_read_samples_reads_renders_right_and_tells_distortions_apart():
     assert bad["color"] == 1.0 and bad["strict"] == 0.0 and bad["iou"] < real["iou"] - 0.03, bad
 
 
+@pytest.mark.slow
 def test_a_sweep_trains_each_arm_with_its_keys_and_scores_every_checkpoint(tmp_path, capsys):
     rows = quality.sweep(["x0", "v"], steps=4, evals=2, root=tmp_path, per_class=1)
     assert [(r["arm"], r["step"]) for r in rows] == [("x0", 2), ("x0", 4), ("v", 2), ("v", 4)]
