@@ -126,7 +126,7 @@ def official_sample_or_explain(name: str, *, path=None, device=None, n: int | No
     with torch.no_grad():
         x = sample(fn, noise, r["schedule"], sampler="dpm++2m", steps=steps or r["steps"], prediction=r["prediction"],
                    cond=cond, null_cond=null, guidance=r["guidance"] if cond is not None else 1.0, progress=False)
-        if vae is not None:
+        if r.get("vae"):  # latents -> images
             vae = vae.to(device).eval()
             x = vae.decode((x / r["latent_scale"]).to(next(vae.parameters()).dtype)).sample
     return ((x.float().clamp(-1, 1) + 1) / 2).cpu()

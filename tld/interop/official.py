@@ -402,9 +402,15 @@ def official_shapes(model_or_name) -> dict[str, tuple[int, ...]]:
     Built on the meta device: no memory, whatever the size.
     """
     if isinstance(model_or_name, (str, OfficialFile)):
-        model_or_name = _build(resolve(model_or_name), device="meta")
+        spec = resolve(model_or_name)
+        if spec.name in OFFICIAL and spec.name not in _SHAPES:  # the released files' layouts, computed once
+            _SHAPES[spec.name] = official_shapes(_build(spec, device="meta"))
+        return dict(_SHAPES[spec.name]) if spec.name in OFFICIAL else official_shapes(_build(spec, device="meta"))
     meta = _build_like(model_or_name)
     return {k: tuple(v.shape) for k, v in to_official(meta).items()}
+
+
+_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
 
 
 def _build(spec: OfficialFile, device=None, **overrides) -> nn.Module:
