@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..samplers import sample
+from ..viz import image_grid
 from .official import OFFICIAL, load_official
 
 SD_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE of DiT, U-DiT and U-ViT's ImageNet models
@@ -71,7 +72,8 @@ def _clip_text_encoder(device):
 
 
 def official_sample_or_explain(name: str, *, path=None, device=None, n: int | None = None, steps: int | None = None,
-                               seed: int = 0, model=None, vae=None, text_encoder=None, require_gpu: bool = True):
+                               seed: int = 0, model=None, vae=None, text_encoder=None, require_gpu: bool = True,
+                               show: bool = False):
     """Images [n, 3, H, W] in [0, 1] (on the CPU) sampled from the official ``name``, or None after printing why not.
 
     ``name`` is one of ``RECIPES`` (lesson 04: ``cifar10_uvit_small``, 05: ``DiT-XL-2-256x256``,
@@ -79,7 +81,7 @@ def official_sample_or_explain(name: str, *, path=None, device=None, n: int | No
     when there is no GPU (``require_gpu``), when the checkpoint is not at ``path`` (default
     ``official_dir() / filename``), or when its VAE / text encoder is not in the local Hugging Face
     cache. ``model``, ``vae`` (a diffusers ``AutoencoderKL``) and ``text_encoder`` (prompts -> [B, 768])
-    replace the files when given. Times and labels follow ``tld.interop.official``: class models
+    replace the files when given; ``show`` also draws the images in one row (matplotlib). Times and labels follow ``tld.interop.official``: class models
     guide against label 1000, TLD against the zero text vector.
     """
     if name not in RECIPES:
@@ -129,4 +131,13 @@ def official_sample_or_explain(name: str, *, path=None, device=None, n: int | No
         if r.get("vae"):  # latents -> images
             vae = vae.to(device).eval()
             x = vae.decode((x / r["latent_scale"]).to(next(vae.parameters()).dtype)).sample
-    return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+    images = ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+    if show:
+        import matplotlib.pyplot as plt
+
+        plt.figure(figsize=(1.6 * len(images), 2))
+        plt.imshow(image_grid(images, nrow=len(images)))
+        plt.title(f"{spec.filename}, {steps or r['steps']} DPM-Solver++ steps", fontsize=9)
+        plt.axis("off")
+        plt.show()
+    return images
