@@ -542,9 +542,15 @@ def load_official(path_or_state_dict, family: str, preset=None, *, device="cpu",
     for TLD, ``norm`` and ``cross_heads`` select the layout: see ``OFFICIAL``).
 
     Shapes are checked: a ValueError names the first key that is missing, unexpected or of the
-    wrong shape (a file of another family or size fails there). Conventions, per family, are in
-    this module's docstring: which timestep each network takes (tld's t = timestep / 1000; TLD's
-    sigma as is) and which label is the null. The model comes back in eval mode, in the file's dtype.
+    wrong shape (a file of another family or size fails there). The model comes back in eval mode,
+    in the file's dtype. Conventions (more in this module's docstring):
+
+    - U-ViT: the network takes tau = 999 t (continuous VP-SDE files) or the step n in 1..1000
+      (discrete files); call the tld model at t = tau / 1000. Null class: label 1000 (1001 rows);
+      MS-COCO's null is the empty prompt's 77 CLIP tokens.
+    - DiT, U-DiT: the network takes the DDPM step k in 0..999; tld's t = k / 1000. Null class: 1000.
+    - TLD: the network takes sigma in [0, 1] of x_t = (1 - sigma) x0 + sigma eps, as tld's t
+      (``rectified``), and predicts x0; the null condition is the zero text vector.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
