@@ -38,6 +38,8 @@ SMALL = {  # the released files' structures at test size
                                text_len=5, conv=True)),
     "dit": ("dit", dict(img_size=8, patch_size=2, in_chans=4, embed_dim=32, depth=2, num_heads=2, num_classes=10)),
     "udit": ("udit", dict(img_size=16, in_chans=4, embed_dim=16, num_heads=2, depth=(1, 1, 1, 1, 1), num_classes=10)),
+    "udit-merged": ("udit", dict(img_size=16, in_chans=4, embed_dim=16, num_heads=2, depth=(1, 1, 1, 1, 1),
+                                 num_classes=10, rep=False)),  # the reference's rep=0 FFN
     "tld-released": ("tld", dict(img_size=8, patch_size=2, in_chans=4, embed_dim=256, depth=2, head_dim=64, cross_heads=2,
                                  noise_embed_dim=16, text_dim=12, norm="post", attn_proj=False, final_norm=False)),
     "tld-current": ("tld", dict(img_size=8, patch_size=2, in_chans=4, embed_dim=128, depth=2, head_dim=64, cross_heads=2,
