@@ -13,6 +13,11 @@ label vectors are two extra tokens in the sequence of plain ViT blocks. Lesson 0
 With ``learn_sigma`` the output has 2 * in_chans channels: the noise prediction, then the
 interpolation weights of the learned variance (Nichol & Dhariwal 2021); a sampler that only
 wants the noise takes ``out[:, :in_chans]``.
+
+``per_block_embedders=True`` gives every block its own timestep and label embedders, the layout
+of diffusers' ``DiTTransformer2DModel`` (each of its blocks holds a ``CombinedTimestepLabelEmbeddings``),
+so that a DiT trained or fine-tuned in diffusers loads exactly (``tld.interop.load_diffusers_dit``).
+The reference DiT, and every preset, has one shared embedder (the default).
 """
 
 from __future__ import annotations
@@ -97,6 +102,10 @@ class DiT(Conditioning, nn.Module):
             blocks, paper section 3.2).
         freq_shift: the timestep sinusoid's frequency shift: 0 in DiT's reference, 1 in diffusers'
             DiT (``downscale_freq_shift=1``), for loading its weights exactly.
+        per_block_embedders: one timestep embedder and one label table per block (diffusers'
+            layout). Block 0 and the final layer use ``t_embedder`` / ``y_embedder`` (diffusers' final
+            layer reads block 0's); block i >= 1 uses ``block_t_embedders[i - 1]`` and
+            ``block_y_embedders[i - 1]``. False (the reference, every preset): one shared embedder.
         mlp_norm_eps: eps of the LayerNorm before each adaLN-Zero block's MLP: 1e-6 in the
             reference, 1e-5 reproduces diffusers' DiT.
         attn_backend: the attention kernel, "sdpa" (PyTorch's fused kernels), "xformers"
@@ -108,16 +117,20 @@ class DiT(Conditioning, nn.Module):
     def __init__(self, img_size: int = 32, patch_size: int = 2, in_chans: int = 4, embed_dim: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000,
                  learn_sigma: bool = True, conditioning: str = "adaln-zero", freq_shift: float = 0.0,
-                 mlp_norm_eps: float = 1e-6, attn_backend: str = "sdpa", gradient_checkpointing: bool = False):
+                 mlp_norm_eps: float = 1e-6, per_block_embedders: bool = False, attn_backend: str = "sdpa",
+                 gradient_checkpointing: bool = False):
         super().__init__()
         if conditioning not in ("adaln-zero", "in-context"):
             raise ValueError(f"unknown DiT conditioning {conditioning!r}; expected 'adaln-zero' or 'in-context'")
+        if per_block_embedders and conditioning != "adaln-zero":
+            raise ValueError("per_block_embedders needs conditioning='adaln-zero' (in-context blocks take no condition)")
         check_patchable(img_size, img_size, patch_size)
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.embed_dim, self.num_classes = embed_dim, num_classes
         self.learn_sigma = learn_sigma
         self.out_chans = 2 * in_chans if learn_sigma else in_chans
         self.conditioning = conditioning
+        self.per_block_embedders = bool(per_block_embedders)
         self.gradient_checkpointing = gradient_checkpointing
 
         self.x_embedder = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -127,6 +140,11 @@ class DiT(Conditioning, nn.Module):
         self.t_embedder = TimestepEmbedder(embed_dim, freq_shift=freq_shift)
         # row num_classes is the null label, used for classifier-free guidance
         self.y_embedder = nn.Embedding(num_classes + 1, embed_dim) if num_classes else None
+        if self.per_block_embedders:  # blocks 1 .. depth-1; block 0 uses the two above
+            self.block_t_embedders = nn.ModuleList([TimestepEmbedder(embed_dim, freq_shift=freq_shift)
+                                                    for _ in range(depth - 1)])
+            self.block_y_embedders = (nn.ModuleList([nn.Embedding(num_classes + 1, embed_dim) for _ in range(depth - 1)])
+                                      if num_classes else None)
 
         if conditioning == "adaln-zero":
             self.blocks = nn.ModuleList([
@@ -150,10 +168,12 @@ class DiT(Conditioning, nn.Module):
         w = self.x_embedder.proj.weight  # the patch conv is a Linear on flattened patches
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for table in [self.y_embedder, *(getattr(self, "block_y_embedders", None) or [])]:
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.02)
+        for emb in [self.t_embedder, *getattr(self, "block_t_embedders", [])]:
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
         if self.conditioning == "adaln-zero":
             # adaLN-Zero: every gate starts at 0, so each block is the identity (DiT section 3.2)
             for blk in self.blocks:
@@ -165,8 +185,15 @@ class DiT(Conditioning, nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def condition(self, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        """c = t_embedder(t) + y_embedder(label): the one vector every block is modulated by."""
+    def condition(self, t: torch.Tensor, cond: torch.Tensor | None, block: int = 0) -> torch.Tensor:
+        """c = t_embedder(t) + y_embedder(label): the vector the blocks and the final layer are modulated by.
+
+        With ``per_block_embedders``, ``block`` i >= 1 gets its own embedders' vector; block 0's is
+        also the final layer's.
+        """
+        if block and self.per_block_embedders:
+            c = self.block_t_embedders[block - 1](t)
+            return c + self.block_y_embedders[block - 1](cond) if self.num_classes else c
         c = self.t_embedder(t)
         return c + self.y_embedder(cond) if self.num_classes else c
 
@@ -175,8 +202,9 @@ class DiT(Conditioning, nn.Module):
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.condition(t, cond).to(tokens.dtype)
         if self.conditioning == "adaln-zero":
-            for blk in self.blocks:
-                tokens = self._run(blk, tokens, c)
+            for i, blk in enumerate(self.blocks):
+                c_i = self.condition(t, cond, i).to(tokens.dtype) if i and self.per_block_embedders else c
+                tokens = self._run(blk, tokens, c_i)
             out = self.final_layer(tokens, c)
         else:
             extra = [self.t_embedder(t)[:, None].to(tokens.dtype)]
