@@ -190,7 +190,7 @@ def test_inductor_compiled_model_gives_the_same_loss_and_gradients():
 @pytest.mark.parametrize("preset", ["uvit-s2-cifar10", "dit-xl2-imagenet", "tld-256"])
 def test_gpu_recipe_builds_and_stops_clearly_without_its_data(preset, tmp_path):
     cfg = T.config_from_args([f"preset={preset}", f"out_dir={tmp_path / 'run'}", "progress=false"])
-    assert cfg.dataset == "tensors" and cfg.max_steps >= 260_000 and cfg.mixed_precision == "bf16"
+    assert cfg.dataset == "prepared" and cfg.max_steps >= 260_000 and cfg.mixed_precision == "bf16"
     with pytest.raises(FileNotFoundError, match="does not exist.*not shipped"):
         T.train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
