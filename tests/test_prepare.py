@@ -256,7 +256,10 @@ def test_the_trainer_streams_a_prepared_folder_with_classes_from_the_manifest(da
     out = run_prepare(data["classes"], tmp_path / "p", "size=16", "shard_size=4")
     ds = T.build_dataset(smoke(tmp_path, "dataset=prepared", f"data_root={out}"))
     assert len(ds) == 13 and ds.num_classes == 2 and ds[5]["image"].dtype == torch.float32
-    assert isinstance(ds._array(0, "latents"), np.memmap)            # memory-mapped, never loaded whole
+    # streamed: an item is its row of the shard's file, read alone (nothing is loaded whole)
+    np.testing.assert_array_equal(ds[5]["image"].numpy(), np.load(out / "shards/00001/latents.npy")[1])
+    assert ds[5]["label"] == np.load(out / "shards/00001/labels.npy")[1]
+    assert all(not hasattr(v, "__array__") for v in vars(ds).values() if not isinstance(v, (list, np.ndarray)))
     summary = T.train(smoke(tmp_path, "dataset=prepared", f"data_root={out}"))
     assert summary["steps"] == 2
     kw = json.loads((tmp_path / "run/config.json").read_text())["model_kwargs"]
