@@ -554,14 +554,14 @@ def bench_prepare(argv=None) -> dict:
                            args.steps)
     print(f"tld.prepare on {r['n']} generated {r['size']}px-crop JPEGs, batch {r['batch']}, {r['workers']} loader "
           f"workers, device {r['device']}, {args.threads} torch thread(s); latents {'x'.join(map(str, r['latent_shape']))}")
-    print(f"{'':34s} {'images/s':>10s}")
-    print(f"{'encoder forward alone (its limit)':34s} {r['encoder_images_per_s']:10.1f}")
-    print(f"{'prepare: decode, crop, encode, write':34s} {r['prepare_images_per_s']:10.1f}   "
+    print(f"{'':38s} {'images/s':>10s}")
+    print(f"{'encoder forward alone (its limit)':38s} {r['encoder_images_per_s']:10.1f}")
+    print(f"{'prepare: decode, crop, encode, write':38s} {r['prepare_images_per_s']:10.1f}   "
           f"{r['prepare_vs_encoder']:.0%} of the encoder's rate")
     print(f"trainer on the prepared folder ({r['folder_bytes'] / 2**20:.1f} MB), global batch {r['train_batch']}, "
           f"medians of {args.steps} alternating steps:")
-    print(f"{'data: one batch from the shards':34s} {1e3 * r['data_s_per_step']:10.2f} ms")
-    print(f"{'model step (' + r['model'] + ')':34s} {1e3 * r['model_s_per_step']:10.2f} ms   "
+    print(f"{'data: one batch from the shards':38s} {1e3 * r['data_s_per_step']:10.2f} ms")
+    print(f"{'model step (' + r['model'] + ')':38s} {1e3 * r['model_s_per_step']:10.2f} ms   "
           f"data / model step = {r['data_vs_model']:.3f} (below 1: the data never makes training wait)")
     return r
 
