@@ -28,7 +28,7 @@ class TrainConfig:
     # data
     dataset: str = "shapes"  # shapes | digits | folder | prepared | tensors
     # dataset=folder: a folder of images with captions.jsonl/csv (and a 'label' column for conditioning=class);
-    # dataset=prepared: a folder made by python -m tld.prepare (memory-mapped shards, streamed);
+    # dataset=prepared: a folder made by python -m tld.prepare (.npy shards, streamed row by row);
     # dataset=tensors: one small .safetensors file, loaded whole, with "images" [N, C, H, W] (pixels in
     # [-1, 1] or scaled latents) and "labels" [N] or "text" [N, D]
     data_root: str = ""
@@ -154,7 +154,7 @@ GPU presets. Expected time on one A100-80GB in bf16, estimated from the training
   dit-xl2-imagenet  dit-xl/2  ImageNet-256 SD-VAE latents x 0.18215, labels   256   400K    712     ~7 days
   tld-256           tld-100m  SDXL-VAE latents / 8, pooled CLIP [768]         256   260K    139     ~21 h
 
-Each reads a folder made once by python -m tld.prepare (memory-mapped shards and a manifest; every GPU
+Each reads a folder made once by python -m tld.prepare (.npy shards and a manifest; every GPU
 streams its slice of each batch, nothing is loaded whole). On N GPUs, for example:
 
   accelerate launch --multi_gpu --num_processes N -m tld.prepare source=/data/imagenet/train \\

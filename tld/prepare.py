@@ -1,4 +1,4 @@
-"""Real data, encoded once into memory-mapped shards that every GPU streams (the papers' recipes).
+"""Real data, encoded once into .npy shards that every GPU streams (the papers' recipes).
 
 What fast-DiT's ``extract_features.py`` and U-ViT's ``extract_imagenet_feature.py`` do, as one command::
 
@@ -592,7 +592,7 @@ class PreparedDataset(torch.utils.data.Dataset):
     Nothing is read up front but the manifest. Each shard's arrays are opened on first use, in the process
     that uses it (each loader worker opens its own), and an item reads exactly its row's bytes, so a rank
     reading its slice of each batch touches only those rows. Positional reads, not np.memmap: on a Linux
-    with large page-cache folios, faulting in one 48 KB row of a mapped shard mapped ~0.5 MB, and a
+    with large page-cache folios, faulting in one 48 KB row of a mapped shard mapped 0.5-1.7 MB, and a
     training process's resident memory grew toward the folder's size within an epoch (measured; see
     the README). `conditioning` picks what items carry: class -> 'label', text -> 'text' (the pooled
     embedding, or with text="tokens" the token sequence and its 'mask').

@@ -81,7 +81,7 @@ def build_dataset(cfg: TrainConfig):
         return DigitsDataset(size=cfg.image_size, seed=cfg.seed, channels=3)
     if cfg.dataset == "tensors":
         return TensorFileDataset(cfg.data_root, cfg.image_size, cfg.conditioning)
-    if cfg.dataset == "prepared":  # python -m tld.prepare's shards, memory-mapped (tld.prepare)
+    if cfg.dataset == "prepared":  # python -m tld.prepare's shards, streamed row by row
         return open_prepared(cfg.data_root, cfg.conditioning, cfg.image_size)
     folder = CaptionedImageFolder(cfg.data_root, size=cfg.image_size)
     if cfg.conditioning == "class":  # classes from the caption file's label column, never silently none
