@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from tld import prepare as P
 from tld import train as T
@@ -266,6 +267,15 @@ def test_the_trainer_streams_a_prepared_folder_with_classes_from_the_manifest(da
     assert kw["num_classes"] == 2 and kw["img_size"] == 16 and kw["in_chans"] == 3
 
 
+def test_a_text_run_trains_on_prepared_pooled_embeddings_without_its_encoders(data, tmp_path):
+    out = run_prepare(data["captions"], tmp_path / "t", "size=16", f"text_encoder={data['clip']}", "projection=false")
+    summary = T.train(smoke(tmp_path, "dataset=prepared", f"data_root={out}", "conditioning=text", "model=tld-course",
+                            "model.embed_dim=32", "model.depth=1", "model.head_dim=16", "model.noise_embed_dim=16"))
+    assert summary["steps"] == 2
+    assert json.loads((tmp_path / "run/config.json").read_text())["model_kwargs"]["text_dim"] == 32
+    assert not (tmp_path / "run/text_encoder").exists()           # the folder's embeddings, no encoder trained
+
+
 def test_a_run_of_the_wrong_kind_names_what_the_folder_holds(data, tmp_path):
     text = run_prepare(data["captions"], tmp_path / "t", "size=16", f"text_encoder={data['clip']}", "projection=false")
     classes = run_prepare(data["classes"], tmp_path / "c", "size=16")
@@ -279,6 +289,9 @@ def test_a_run_of_the_wrong_kind_names_what_the_folder_holds(data, tmp_path):
     assert ds[0]["text"].shape == (32,)
     with pytest.raises(FileNotFoundError, match="does not exist.*python -m tld.prepare"):
         T.build_dataset(smoke(tmp_path, "dataset=prepared", f"data_root={tmp_path / 'nowhere'}"))
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a file; dataset=prepared reads a folder.*dataset=tensors"):
+        T.build_dataset(smoke(tmp_path, "dataset=prepared", f"data_root={tmp_path / 'x.safetensors'}"))
 
 
 def test_a_folder_without_labels_under_class_conditioning_is_an_error_that_names_the_fix(data, tmp_path):
@@ -335,10 +348,11 @@ def two_process_run(data, tmp_path_factory):
                           *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     launch("tld.prepare", f"source={data['classes']}", f"out={root / 'two'}", *args)
-    launch("tld.train", "preset=smoke", "dataset=prepared", f"data_root={root / 'two'}", "image_size=4",
-           "model.patch_size=1", "batch_size=4", "max_steps=3", "sample_steps=2", "log_every=1", "progress=false",
-           f"out_dir={root / 'run'}")
-    return {"one": root / "one", "two": root / "two", "run": root / "run"}
+    train = ["preset=smoke", "dataset=prepared", f"data_root={root / 'two'}", "image_size=4", "model.patch_size=1",
+             "batch_size=4", "max_steps=3", "sample_steps=2", "log_every=1", "progress=false"]
+    launch("tld.train", *train, f"out_dir={root / 'run'}")
+    T.train(T.config_from_args([*train, f"out_dir={root / 'run1'}"]))   # the same run in one process
+    return {"one": root / "one", "two": root / "two", "run": root / "run", "run1": root / "run1"}
 
 
 @pytest.mark.multiprocess
@@ -357,3 +371,8 @@ def test_two_processes_train_on_the_prepared_folder(two_process_run):
     kw = json.loads((run / "config.json").read_text())["model_kwargs"]
     assert kw["num_classes"] == 2 and kw["in_chans"] == 4 and kw["img_size"] == 4
     assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    # each rank read its slice of every global batch: together, the batch one process reads (same weights)
+    ckpt = "checkpoints/step_0000003/model.safetensors"
+    one, two = load_file(str(two_process_run["run1"] / ckpt)), load_file(str(run / ckpt))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0)

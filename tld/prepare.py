@@ -224,18 +224,21 @@ class HFSource:
 
     def __init__(self, spec: str, split="train", image_column="", label_column="", caption_column="",
                  online=False):
+        if spec.startswith("hf:") and not online:
+            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read before datasets is first imported
         try:
             import datasets
         except ImportError:
             raise ImportError(f"source={spec!r} is a Hugging Face dataset, which needs the `datasets` package: "
                               f"pip install 'tld-course[prepare]'") from None
         self.spec, self.split = spec, split
-        if spec.startswith("hf:"):
-            if not online:
-                os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-            ds = datasets.load_dataset(spec[3:], split=split)
-        elif spec.startswith("imagefolder:"):
-            ds = datasets.load_dataset("imagefolder", data_dir=spec[len("imagefolder:"):], split=split)
+        if spec.startswith(("hf:", "imagefolder:")):
+            name, kw = (spec[3:], {}) if spec.startswith("hf:") else ("imagefolder", {"data_dir": spec[12:]})
+            try:
+                ds = datasets.load_dataset(name, split=split, **kw)
+            except (OSError, ValueError, ConnectionError) as e:
+                raise FileNotFoundError(f"source={spec!r} could not be loaded ({type(e).__name__}: {e}); a hub "
+                                        f"name needs online=true or the datasets cache") from e
         else:
             ds = datasets.load_from_disk(spec)
             if isinstance(ds, datasets.DatasetDict):
@@ -459,8 +462,9 @@ def _shard_done(folder: Path, key: str) -> bool:
 
 
 def prepare(cfg: PrepareConfig, poll_seconds: float = 1.0) -> Path:
-    """Encode `cfg.source` into shards under `cfg.out` (this process's shards), then, on process 0, wait
-    for every shard and write the manifest. Returns the folder. Safe to rerun: it resumes."""
+    """Encode `cfg.source` into shards under `cfg.out` (this process's shards); process 0 then waits for
+    every shard and writes the manifest, and the others wait for the manifest. Returns the finished folder.
+    Safe to rerun: it resumes."""
     validate(cfg)
     rank, world, local = _process()
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
@@ -502,7 +506,9 @@ def prepare(cfg: PrepareConfig, poll_seconds: float = 1.0) -> Path:
     for k, lo, hi in todo:
         _write_shard(folder(k), source, lo, hi, cfg, codec, text_encoder, device, key, bar)
     bar.close()
-    if rank != 0:
+    if rank != 0:  # wait for process 0's manifest, so that every process returns a finished folder
+        while not (out / "manifest.json").is_file():
+            time.sleep(poll_seconds)
         return out
     # process 0 writes the manifest once every process's shards are on disk (the filesystem is the
     # barrier: no collective to time out while a slower GPU finishes its last shard)
@@ -601,6 +607,9 @@ class PreparedDataset(torch.utils.data.Dataset):
     def __init__(self, folder, conditioning: str = "none", text: str = "pooled"):
         self.folder = Path(folder)
         mpath = self.folder / "manifest.json"
+        if self.folder.is_file():
+            raise ValueError(f"data_root={str(self.folder)!r} is a file; dataset=prepared reads a folder made by python "
+                             f"-m tld.prepare (dataset=tensors reads one small .safetensors file)")
         if not self.folder.is_dir():
             raise FileNotFoundError(f"the prepared folder {str(self.folder)!r} does not exist. Real data is not shipped "
                                     f"with tld: make it once with python -m tld.prepare source=<images> "
