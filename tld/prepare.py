@@ -36,9 +36,10 @@ Output: ``out/shards/NNNNN/`` holds ``shard_size`` source items each (``latents.
 ``labels.npy``, ``pooled.npy``, ``tokens.npy`` + ``mask.npy``, ``captions.json``, ``items.npy`` — the
 source index of each row — and ``shard.json``), each written whole or not at all (``tld.io``). Shard k
 belongs to process k mod P, so every process encodes and writes its own shards and the result does not
-depend on P. ``manifest.json`` comes **last**, written by process 0 once every shard exists: count,
-shapes, dtype (``dtype=float16`` by default), label names, the encoders' identities and digests
-(``tld.cache``'s), the source's identity and the settings. **Resume**: run the same command again; the
+depend on P (on several machines, ``out`` must be on a filesystem they all see). ``manifest.json``
+comes **last**, written by process 0 once every shard exists: count, shapes, dtype (``dtype=float16`` by
+default), label names, the encoders' identities and digests (``tld.cache``'s), the source's identity
+and the settings. **Resume**: run the same command again; the
 finished shards are kept and the work continues at the first unfinished one. A different command on the
 same ``out`` is refused.
 """
