@@ -190,7 +190,7 @@ def test_inductor_compiled_model_gives_the_same_loss_and_gradients():
 @pytest.mark.parametrize("preset", ["uvit-s2-cifar10", "dit-xl2-imagenet", "tld-256"])
 def test_gpu_recipe_builds_and_stops_clearly_without_its_data(preset, tmp_path):
     cfg = T.config_from_args([f"preset={preset}", f"out_dir={tmp_path / 'run'}", "progress=false"])
-    assert cfg.dataset == "tensors" and cfg.max_steps >= 260_000 and cfg.mixed_precision == "bf16"
+    assert cfg.dataset == "prepared" and cfg.max_steps >= 260_000 and cfg.mixed_precision == "bf16"
     with pytest.raises(FileNotFoundError, match="does not exist.*not shipped"):
         T.train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -214,7 +214,7 @@ def test_tensors_dataset_trains_text_conditioned_tld(tmp_path):
     path = tmp_path / "toy.safetensors"
     save_file({"images": torch.randn(32, 4, 16, 16, generator=g), "text": torch.randn(32, 8, generator=g)},
               str(path))
-    cfg = T.config_from_args(["preset=tld-256", f"data_root={path}", f"out_dir={tmp_path / 'run'}",
+    cfg = T.config_from_args(["preset=tld-256", "dataset=tensors", f"data_root={path}", f"out_dir={tmp_path / 'run'}",
                               "model=tld-course", "model.embed_dim=32", "model.depth=1", "model.head_dim=16",
                               "model.noise_embed_dim=16", "image_size=16", "batch_size=8", "max_steps=3",
                               "mixed_precision=no", "sample_steps=2", "sample_every=0", "save_every=0",

@@ -18,8 +18,8 @@ LAYERS = {
     "models": 1, "samplers": 1, "optim": 1, "gmm": 1,
     # 2: encoders, caches, run folders, the judges (shapes classifier and adherence; the geometric reader), FID
     "text": 2, "autoencoder": 2, "cache": 2, "runs": 2, "judge": 2, "geometry": 2, "fid": 2,
-    # 3: the text-to-image pipeline; the training config, presets and the one key=value parser
-    "pipeline": 3, "config": 3,
+    # 3: the text-to-image pipeline; the training config, presets and the one key=value parser; real data -> shards
+    "pipeline": 3, "config": 3, "prepare": 3,
     # 4: the training loop; 5: evaluating a checkpoint, comparing training recipes; 6: tools on top
     "train": 4, "evaluate": 5, "quality": 5, "demo": 6, "bench": 6, "interop": 6, "course": 6,
 }

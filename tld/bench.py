@@ -5,6 +5,7 @@
     python -m tld.bench train        # training steps/s and memory: tld's DiT vs diffusers' DiTTransformer2DModel
     python -m tld.bench data         # Shapes rendering rate, against what a training step consumes
     python -m tld.bench colab        # each training lesson's preset="colab": FLOPs, steps, estimated Colab T4 time
+    python -m tld.bench prepare      # tld.prepare's images/s vs the encoder alone; streamed data vs a model step
 
 Each subcommand is a function in ``COMMANDS``; add one (e.g. ``train``) by writing ``bench_train(argv)``
 and registering it there.
@@ -15,20 +16,25 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from . import quality
+from .autoencoder import tiny_vae_config
 from .config import config_from_args
 from .data import ShapesDataset
 from .diffusion import get_schedule
 from .gmm import GMM, rms_error
 from .models import create
+from .prepare import PrepareConfig, PreparedDataset, load_codec_spec
+from .prepare import prepare as prepare_folder
 from .samplers import sample
-from .train import build_dataset, model_kwargs
+from .train import StepBatchSampler, build_dataset, model_kwargs
 
 STEPS = (5, 10, 20, 50)
 OURS = ("ddim", "euler", "dpm++2m", "dpm++3m")
@@ -453,6 +459,115 @@ def bench_data(argv=None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# prepare: images/s of tld.prepare against its encoder alone; the streamed data against a model step
+# ---------------------------------------------------------------------------------------------
+
+
+def _image_folder(root: Path, n: int, size: int, classes: int = 4) -> Path:
+    """n random JPEGs (quality 90, 5:4, a little larger than `size`: ADM's crop has work to do) in class folders."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for i in range(n):
+        d = root / f"n{i % classes:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        a = torch.randint(0, 256, (size * 9 // 8, size * 45 // 32, 3), generator=rng, dtype=torch.uint8).numpy()
+        Image.fromarray(a).save(d / f"{i:06d}.jpg", quality=90)
+    return root
+
+
+def prepare_vs_encoder(n: int = 256, size: int = 64, batch: int = 32, codec: str = "", workers: int = 0,
+                       model: str = "uvit-course", train_batch: int = 64, steps: int = 10) -> dict:
+    """One run, side by side: (1) the codec's forward pass alone on ready tensors, (2) the whole prepare
+    (decode, ADM crop, encode, write) of n images, (3) reading one global batch from the prepared folder
+    as the trainer does, alternated with (4) one training step of `model` on it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tmp = Path(tempfile.mkdtemp(prefix="tld-bench-prepare-"))
+    src = _image_folder(tmp / "images", n, size)
+    if not codec:  # a tiny AutoencoderKL with random weights: the speed of the path, not of the SD VAE
+        from diffusers import AutoencoderKL
+
+        torch.manual_seed(0)
+        AutoencoderKL(**tiny_vae_config(widths=(32, 64, 64, 64))).save_pretrained(tmp / "vae")
+        codec = str(tmp / "vae")
+    cfg = PrepareConfig(source=str(src), out=str(tmp / "prepared"), size=size, codec=codec, batch_size=batch,
+                        workers=workers, progress=False)
+    enc = load_codec_spec(cfg, device)
+    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    with torch.no_grad():
+        enc.encode(x)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(max(1, n // batch)):
+            enc.encode(x)
+        _sync(device)
+    encoder_s = (time.perf_counter() - t0) / (max(1, n // batch) * batch)
+    t0 = time.perf_counter()
+    prepare_folder(cfg)
+    prepare_s = (time.perf_counter() - t0) / n
+    ds = PreparedDataset(cfg.out, "class")
+    sampler = StepBatchSampler(len(ds), min(train_batch, len(ds)), 0, 0, 1, 1, 0, steps + 1)
+    batches = iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler))
+    torch.manual_seed(0)
+    item = ds[0]["image"]
+    net = create(model, img_size=item.shape[-1], in_chans=item.shape[0], num_classes=ds.num_classes).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def step(b):
+        x0, y = b["image"].to(device), b["label"].to(device)
+        net(x0, torch.rand(len(x0), device=device), y).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+
+    step(next(batches))  # warm-up
+    data_t, step_t = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        b = next(batches)
+        data_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        step(b)
+        step_t.append(time.perf_counter() - t0)
+    folder_bytes = sum(f.stat().st_size for f in Path(cfg.out).rglob("*.npy"))
+    return {"device": str(device), "n": n, "size": size, "batch": batch, "workers": workers,
+            "latent_shape": list(item.shape), "model": model, "train_batch": sampler.B,
+            "encoder_images_per_s": 1 / encoder_s, "prepare_images_per_s": 1 / prepare_s,
+            "prepare_vs_encoder": encoder_s / prepare_s, "data_s_per_step": statistics.median(data_t),
+            "model_s_per_step": statistics.median(step_t),
+            "data_vs_model": statistics.median(data_t) / statistics.median(step_t), "folder_bytes": folder_bytes}
+
+
+def bench_prepare(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m tld.bench prepare")
+    p.add_argument("--n", type=int, default=256, help="generated JPEGs to prepare")
+    p.add_argument("--size", type=int, default=64, help="prepare's size= (pixels)")
+    p.add_argument("--batch", type=int, default=32, help="prepare's batch_size=")
+    p.add_argument("--codec", default="", help="a VAE folder or cached hub id (default: a tiny random AutoencoderKL)")
+    p.add_argument("--workers", type=int, default=0, help="prepare's workers= (decoding processes)")
+    p.add_argument("--model", default="uvit-course", help="the model whose training step the data is set against")
+    p.add_argument("--batch-size", type=int, default=64, help="the trainer's global batch")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    r = prepare_vs_encoder(args.n, args.size, args.batch, args.codec, args.workers, args.model, args.batch_size,
+                           args.steps)
+    print(f"tld.prepare on {r['n']} generated {r['size']}px-crop JPEGs, batch {r['batch']}, {r['workers']} loader "
+          f"workers, device {r['device']}, {args.threads} torch thread(s); latents {'x'.join(map(str, r['latent_shape']))}")
+    print(f"{'':38s} {'images/s':>10s}")
+    print(f"{'encoder forward alone (its limit)':38s} {r['encoder_images_per_s']:10.1f}")
+    print(f"{'prepare: decode, crop, encode, write':38s} {r['prepare_images_per_s']:10.1f}   "
+          f"{r['prepare_vs_encoder']:.0%} of the encoder's rate")
+    print(f"trainer on the prepared folder ({r['folder_bytes'] / 2**20:.1f} MB), global batch {r['train_batch']}, "
+          f"medians of {args.steps} alternating steps:")
+    print(f"{'data: one batch from the shards':38s} {1e3 * r['data_s_per_step']:10.2f} ms")
+    print(f"{'model step (' + r['model'] + ')':38s} {1e3 * r['model_s_per_step']:10.2f} ms   "
+          f"data / model step = {r['data_vs_model']:.3f} (below 1: the data never makes training wait)")
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
 # colab: what each training lesson trains at preset="colab", and its estimated time on a Colab T4
 # ---------------------------------------------------------------------------------------------
 
@@ -678,7 +793,7 @@ def bench_colab(argv=None) -> dict:
 
 
 COMMANDS = {"samplers": bench_samplers, "spacing": bench_spacing, "train": bench_train, "data": bench_data,
-            "colab": bench_colab, "quality": quality.main}
+            "colab": bench_colab, "quality": quality.main, "prepare": bench_prepare}
 
 
 def main(argv=None) -> None:

@@ -17,7 +17,7 @@ from .optim import LR_SCHEDULES, lr_at
 __all__ = ["TrainConfig", "PRESETS", "GPU_RECIPES", "DATASETS", "CONDITIONINGS", "config_from_args", "validate",
            "parse_key_values", "coerce_value", "parse_literal", "learning_rate"]
 
-DATASETS = ("shapes", "digits", "folder", "tensors")
+DATASETS = ("shapes", "digits", "folder", "tensors", "prepared")
 CONDITIONINGS = ("class", "none", "text")
 
 @dataclass
@@ -26,9 +26,11 @@ class TrainConfig:
     model: str = "uvit-course"
     model_overrides: dict = field(default_factory=dict)
     # data
-    dataset: str = "shapes"  # shapes | digits | folder | tensors
-    # dataset=folder: a folder of images with captions.jsonl/csv; dataset=tensors: a .safetensors file
-    # with "images" [N, C, H, W] (pixels in [-1, 1] or scaled latents) and "labels" [N] or "text" [N, D]
+    dataset: str = "shapes"  # shapes | digits | folder | prepared | tensors
+    # dataset=folder: a folder of images with captions.jsonl/csv (and a 'label' column for conditioning=class);
+    # dataset=prepared: a folder made by python -m tld.prepare (.npy shards, streamed row by row);
+    # dataset=tensors: one small .safetensors file, loaded whole, with "images" [N, C, H, W] (pixels in
+    # [-1, 1] or scaled latents) and "labels" [N] or "text" [N, D]
     data_root: str = ""
     image_size: int = 32
     dataset_length: int = 1_000_000  # procedural datasets: how many distinct images
@@ -113,11 +115,12 @@ PRESETS: dict[str, dict] = {
 }
 
 # GPU recipes: the papers' optimiser, lr, weight decay, betas, EMA, warmup and batch (REFERENCES.md "Recipes").
-# They read a ``dataset=tensors`` file that is NOT shipped (CIFAR-10 pixels, ImageNet / text-image latents:
-# see GPU_RECIPES below for how to make one); on a machine without it they stop with a FileNotFoundError.
+# They stream a ``dataset=prepared`` folder that is NOT shipped (CIFAR-10 pixels, ImageNet / text-image latents,
+# made once by python -m tld.prepare: see GPU_RECIPES below); on a machine without it they stop with a
+# FileNotFoundError.
 PRESETS.update({
     # U-ViT S/2 on CIFAR-10 (Bao et al. 2023, Table 7 / configs/cifar10_uvit_small.py): unconditional, eps, VP.
-    "uvit-s2-cifar10": dict(model="uvit-s/2", dataset="tensors", data_root="data/cifar10/train.safetensors",
+    "uvit-s2-cifar10": dict(model="uvit-s/2", dataset="prepared", data_root="data/cifar10-32",
                             image_size=32, conditioning="none", schedule="vp-linear", prediction="eps",
                             batch_size=128, lr=2e-4, weight_decay=0.03, beta1=0.99, beta2=0.999,
                             warmup_steps=2500, lr_schedule="constant", ema_decay=0.9999, max_steps=500_000,
@@ -125,8 +128,8 @@ PRESETS.update({
                             sample_sampler="dpm++2m", sample_steps=50, out_dir="runs/uvit-s2-cifar10"),
     # DiT-XL/2 on ImageNet-256 SD-VAE latents x 0.18215 (Peebles & Xie 2023): AdamW 1e-4, wd 0, constant lr,
     # no warmup, EMA 0.9999, batch 256, label dropout 0.1. Ours predicts eps only (no learned sigma / VLB term).
-    "dit-xl2-imagenet": dict(model="dit-xl/2", model_overrides={"learn_sigma": False}, dataset="tensors",
-                             data_root="data/imagenet256-latents/train.safetensors", image_size=32,
+    "dit-xl2-imagenet": dict(model="dit-xl/2", model_overrides={"learn_sigma": False}, dataset="prepared",
+                             data_root="data/imagenet256-sdvae", image_size=32,
                              conditioning="class", class_dropout=0.1, schedule="vp-linear", prediction="eps",
                              batch_size=256, lr=1e-4, weight_decay=0.0, beta1=0.9, beta2=0.999, warmup_steps=0,
                              lr_schedule="constant", grad_clip=0.0, ema_decay=0.9999, max_steps=400_000,
@@ -136,7 +139,7 @@ PRESETS.update({
     # TLD 100M, 256px text-to-image (apapiu/transformer_latent_diffusion): SDXL-VAE latents / 8 (4x32x32),
     # pooled CLIP (768), x0 target, rectified schedule, sigma ~ Beta(1, 2.5), Adam 3e-4, EMA 0.999, batch 256,
     # text dropped to the zero vector 15% of the time.
-    "tld-256": dict(model="tld-100m", dataset="tensors", data_root="data/text-latents/train.safetensors",
+    "tld-256": dict(model="tld-100m", dataset="prepared", data_root="data/text256-sdxlvae-clip",
                     image_size=32, conditioning="text", class_dropout=0.15, schedule="rectified", prediction="x0",
                     time_sampler="beta", batch_size=256, lr=3e-4, weight_decay=0.0, beta1=0.9, beta2=0.999,
                     warmup_steps=0, lr_schedule="constant", ema_decay=0.999, max_steps=260_000,
@@ -148,18 +151,26 @@ GPU_RECIPES = """\
 GPU presets. Expected time on one A100-80GB in bf16, estimated from the training FLOPs per image
 (torch.utils.flop_counter, forward + backward) at 40% of the 312 TFLOP/s bf16 peak:
 
-  preset            model     data (a dataset=tensors file)                  batch  steps  GFLOP/img  ~1 A100
+  preset            model     data (a dataset=prepared folder)               batch  steps  GFLOP/img  ~1 A100
   uvit-s2-cifar10   uvit-s/2  CIFAR-10 train, pixels in [-1, 1], 3x32x32      128   500K     73     ~11 h
   dit-xl2-imagenet  dit-xl/2  ImageNet-256 SD-VAE latents x 0.18215, labels   256   400K    712     ~7 days
-  tld-256           tld-100m  SDXL-VAE latents / 8, pooled CLIP 'text' [768]  256   260K    139     ~21 h
+  tld-256           tld-100m  SDXL-VAE latents / 8, pooled CLIP [768]         256   260K    139     ~21 h
 
-The tensors file is one .safetensors with "images" [N, C, H, W] float and "labels" [N] int (class presets)
-or "text" [N, 768] float (tld-256); make it once with the VAE and CLIP encoders (the latents cache of lesson 10).
-Launch on N GPUs of one machine (the global batch stays the preset's; add grad_accum=K if it does not fit):
+Each reads a folder made once by python -m tld.prepare (.npy shards and a manifest; every GPU
+streams its slice of each batch, nothing is loaded whole). On N GPUs, for example:
 
-  accelerate launch --multi_gpu --num_processes N -m tld.train preset=dit-xl2-imagenet data_root=/path/file
+  accelerate launch --multi_gpu --num_processes N -m tld.prepare source=/data/imagenet/train \\
+      out=data/imagenet256-sdvae size=256 codec=stabilityai/sd-vae-ft-ema flip=true
+  python -m tld.prepare source=/data/cifar10/train out=data/cifar10-32 size=32 codec=none dtype=float32
+  accelerate launch --multi_gpu --num_processes N -m tld.prepare source=/data/captioned out=data/text256-sdxlvae-clip \\
+      size=256 codec=madebyollin/sdxl-vae-fp16-fix scale=0.125 text_encoder=openai/clip-vit-large-patch14
+
+then train (the global batch stays the preset's; add grad_accum=K if it does not fit):
+
+  accelerate launch --multi_gpu --num_processes N -m tld.train preset=dit-xl2-imagenet data_root=data/imagenet256-sdvae
 
 and on M machines: add --num_machines M --machine_rank R --main_process_ip HOST --main_process_port 29500.
+The README's "Full runs on real data" has every step, scoring included.
 """
 
 
@@ -282,13 +293,16 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.dataset == "folder" and not cfg.data_root:
         raise ValueError("dataset=folder needs data_root=<folder with images and captions.jsonl/csv>")
-    if cfg.conditioning == "text" and cfg.dataset not in ("tensors", "shapes", "folder"):
-        raise ValueError(f"conditioning=text needs captions (dataset=shapes or folder) or a tensors file with a "
-                         f"'text' tensor, got dataset={cfg.dataset!r}")
-    if cfg.conditioning == "text" and cfg.dataset != "tensors" and not cfg.text_encoder:
+    if cfg.dataset == "prepared" and not cfg.data_root:
+        raise ValueError("dataset=prepared needs data_root=<a folder made by python -m tld.prepare>")
+    encoded = ("tensors", "prepared")  # data whose text is already encoded
+    if cfg.conditioning == "text" and cfg.dataset not in ("tensors", "prepared", "shapes", "folder"):
+        raise ValueError(f"conditioning=text needs captions (dataset=shapes or folder) or text embeddings "
+                         f"(dataset=prepared or tensors), got dataset={cfg.dataset!r}")
+    if cfg.conditioning == "text" and cfg.dataset not in encoded and not cfg.text_encoder:
         raise ValueError(f"conditioning=text on dataset={cfg.dataset} needs text_encoder=tinyclip (trained "
                          f"here) or text_encoder=<a saved text encoder's folder>")
-    if (cfg.text_encoder or cfg.codec) and not (cfg.conditioning == "text" and cfg.dataset != "tensors"):
+    if (cfg.text_encoder or cfg.codec) and not (cfg.conditioning == "text" and cfg.dataset not in encoded):
         raise ValueError(f"text_encoder and codec are used with conditioning=text on captioned data; got "
                          f"conditioning={cfg.conditioning!r}, dataset={cfg.dataset!r}")
     if cfg.cache_items < 1:

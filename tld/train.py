@@ -45,6 +45,7 @@ from .data import CaptionedImageFolder, DigitsDataset, ShapesDataset
 from .models import count_parameters, create, family
 from .optim import ema_decay_at, ema_update, fit_one_cycle
 from .pipeline import TextToImage
+from .prepare import open_prepared
 from .runs import (
     TRAINED_ENCODERS,
     encoder_folder,
@@ -80,7 +81,16 @@ def build_dataset(cfg: TrainConfig):
         return DigitsDataset(size=cfg.image_size, seed=cfg.seed, channels=3)
     if cfg.dataset == "tensors":
         return TensorFileDataset(cfg.data_root, cfg.image_size, cfg.conditioning)
-    return CaptionedImageFolder(cfg.data_root, size=cfg.image_size)
+    if cfg.dataset == "prepared":  # python -m tld.prepare's shards, streamed row by row
+        return open_prepared(cfg.data_root, cfg.conditioning, cfg.image_size)
+    folder = CaptionedImageFolder(cfg.data_root, size=cfg.image_size)
+    if cfg.conditioning == "class":  # classes from the caption file's label column, never silently none
+        if min(folder.labels) < 0:
+            raise ValueError(f"dataset=folder with conditioning=class (the default) needs an integer 'label' for "
+                             f"every image in {str(folder.caption_file)!r}, and it has none; set conditioning=none "
+                             f"(unconditional) or conditioning=text text_encoder=..., or add a label column")
+        folder.num_classes = max(folder.labels) + 1
+    return folder
 
 def prepare_text_encoders(cfg: TrainConfig, accelerator, out_dir: Path):
     """(text encoder, codec or None) for conditioning=text on captioned data; trained here when asked.
@@ -390,7 +400,7 @@ def setup(cfg: TrainConfig, accelerator=None) -> Run:
     dataset = build_dataset(cfg)
     num_classes = getattr(dataset, "num_classes", 0) if cfg.conditioning == "class" else 0
     run = Run(cfg, accelerator, out_dir, dataset, num_classes, diffusion.get_schedule(cfg.schedule))
-    if run.text and cfg.dataset != "tensors":
+    if run.text and cfg.dataset not in ("tensors", "prepared"):
         run.text_encoder, run.codec = prepare_text_encoders(cfg, accelerator, out_dir)
         run.dataset = cache_text_dataset(cfg, accelerator, dataset, run.text_encoder, run.codec, out_dir)
     run.img_shape = tuple(run.dataset[0]["image"].shape)
