@@ -133,3 +133,14 @@ def test_a_learn_sigma_dit_trains_with_the_hybrid_loss_and_samples_with_its_vari
     x = generate(model, "vp-linear", prediction="eps", cond=torch.tensor([0, 5]), steps=3, sampler="ddpm", seed=0,
                  guidance=1.5)
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+
+
+def test_the_dit_recipe_learns_sigma_and_samples_with_ddpm():
+    from tld.config import config_from_args
+    from tld.models import create
+
+    cfg = config_from_args(["preset=dit-xl2-imagenet"])
+    assert "learn_sigma" not in cfg.model_overrides and cfg.vlb_weight == 0.001
+    assert (cfg.sample_sampler, cfg.sample_steps, cfg.schedule, cfg.prediction) == ("ddpm", 250, "vp-linear", "eps")
+    with torch.device("meta"):
+        assert create(cfg.model, **cfg.model_overrides).out_chans == 8
