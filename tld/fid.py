@@ -164,7 +164,9 @@ def _inception_weights() -> tuple[str | None, Path | None, list]:
     have_fidelity = importlib.util.find_spec("torch_fidelity") is not None  # torchmetrics' FID uses it too
     have_cleanfid = importlib.util.find_spec("cleanfid") is not None
     if not (have_fidelity or have_cleanfid):
-        missing.append("a package: torch-fidelity (or torchmetrics[image], which brings it) or clean-fid")
+        missing.append("a package: clean-fid, installed as `pip install --no-deps clean-fid requests` (its "
+                       "Inception module needs no torchvision; a plain install pulls torchvision and a CUDA torch), "
+                       "or torch-fidelity where torchvision works")
     if have_fidelity:
         path = Path(env) if env and env.endswith(".pth") else hub / INCEPTION_FIDELITY_FILE
         if path.is_file():
@@ -190,17 +192,23 @@ def _load_inception(device):
     if backend is None:
         raise FileNotFoundError(
             "Inception FID/KID needs " + "; and ".join(missing) + ". tld never downloads them: install the "
-            "package (pip install 'tld-course[eval]'), put the weights file in place (or point "
-            "TLD_INCEPTION_WEIGHTS at it), or use features='classifier' for the offline shapes-classifier "
-            "features (figures named 'classifier:shapes-classifier', not comparable with published ones).")
-    if backend == "torch-fidelity":
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+            "package, put the weights file in place (or point TLD_INCEPTION_WEIGHTS at it), or use "
+            "features='classifier' for the offline shapes-classifier features (figures named "
+            "'classifier:shapes-classifier', not comparable with published ones).")
+    try:
+        if backend == "torch-fidelity":
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
-    else:
-        from cleanfid.inception_torchscript import InceptionV3W
+            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                              feature_extractor_weights_path=str(path))
+        else:
+            from cleanfid.inception_torchscript import InceptionV3W
 
-        net = InceptionV3W(str(path.parent), download=False)
+            net = InceptionV3W(str(path.parent), download=False)
+    except ImportError as e:   # torch-fidelity imports torchvision at its top, for one
+        raise ImportError(f"the Inception backend {backend} is installed but does not import ({e}); clean-fid's "
+                          "Inception module imports without torchvision: pip install --no-deps clean-fid requests, "
+                          f"with its weights file {INCEPTION_CLEANFID_FILE} in ~/.cache/tld") from e
     return backend, net.to(device).eval()
 
 
