@@ -143,3 +143,22 @@ def test_two_processes_write_the_same_npz_as_one(tmp_path):
     assert json.loads((tmp_path / "two.npz.json").read_text())["processes"] == 2
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_a_text_pipeline_samples_the_held_out_captions_into_the_same_format(tmp_path):
+    from tld.autoencoder import IdentityCodec
+    from tld.models import create
+    from tld.pipeline import TextToImage
+    from tld.text import train_tiny_clip
+
+    clip = train_tiny_clip(steps=2, batch_size=8, dim=16, width=16, depth=1, image_width=8, image_size=16)
+    spec = dict(img_size=16, in_chans=3, num_classes=0, text_dim=16, embed_dim=32, depth=1, head_dim=16,
+                noise_embed_dim=16)
+    torch.manual_seed(0)
+    pipe = TextToImage(create("tld-course", **spec), clip, IdentityCodec(3), denoiser_config={"name": "tld-course", **spec},
+                       schedule="rectified", prediction="x0", null="zero")
+    folder = pipe.save_pretrained(tmp_path / "pipe")
+    out = sample_to_npz(folder, 5, tmp_path / "t.npz", **ARGS)
+    keys = npz_keys(out)
+    assert keys == {"arr_0": (5, 16, 16, 3)}   # no labels for text
+    assert json.loads((tmp_path / "t.npz.json").read_text())["kind"] == "text"
