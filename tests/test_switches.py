@@ -187,7 +187,7 @@ def test_inductor_compiled_model_gives_the_same_loss_and_gradients():
 
 # --- GPU recipes ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("preset", ["uvit-s2-cifar10", "dit-xl2-imagenet", "tld-256"])
+@pytest.mark.parametrize("preset", ["uvit-s2-cifar10", "dit-xl2-imagenet", "tld-256", "uvit-t2i"])
 def test_gpu_recipe_builds_and_stops_clearly_without_its_data(preset, tmp_path):
     cfg = T.config_from_args([f"preset={preset}", f"out_dir={tmp_path / 'run'}", "progress=false"])
     assert cfg.dataset == "prepared" and cfg.max_steps >= 260_000 and cfg.mixed_precision == "bf16"

@@ -46,6 +46,9 @@ class TrainConfig:
     cache_items: int = 20_000
     encoder_steps: int = 300  # TinyCLIP training steps (text_encoder=tinyclip)
     vae_steps: int = 800  # small VAE training steps (codec=tiny-vae)
+    # conditioning=text: U-ViT reads the text encoder's token sequence [L, D] (CLIP: 77 x 768), as U-ViT's
+    # MS-COCO model does, instead of the pooled vector as one token (needs a U-ViT model)
+    text_tokens: bool = False
     class_dropout: float = 0.1  # classifier-free guidance: labels replaced by the null class
     # diffusion
     schedule: str = "vp-cosine"
@@ -53,6 +56,9 @@ class TrainConfig:
     time_sampler: str = "uniform"
     loss_weighting: str = "none"  # none | min-snr (min(SNR, gamma) times the implied x0's squared error)
     min_snr_gamma: float = 5.0
+    # a model that predicts its variance too (2C output channels: DiT's learn_sigma) trains on
+    # L_simple + vlb_weight * T * L_vlb (Nichol & Dhariwal 2021's hybrid objective, lambda = 0.001)
+    vlb_weight: float = 0.001
     # optimisation
     batch_size: int = 64  # the GLOBAL batch; fixed whatever the number of processes
     grad_accum: int = 1  # micro-batches per process per step
@@ -81,6 +87,8 @@ class TrainConfig:
     # output
     out_dir: str = "runs/default"
     log_every: int = 25
+    # besides log.jsonl: accelerate's trackers, e.g. tensorboard (needs tensorboard), wandb, or "tensorboard,wandb"
+    log_with: str = ""
     sample_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -127,15 +135,29 @@ PRESETS.update({
                             mixed_precision="bf16", log_every=100, save_every=10_000, sample_every=10_000,
                             sample_sampler="dpm++2m", sample_steps=50, out_dir="runs/uvit-s2-cifar10"),
     # DiT-XL/2 on ImageNet-256 SD-VAE latents x 0.18215 (Peebles & Xie 2023): AdamW 1e-4, wd 0, constant lr,
-    # no warmup, EMA 0.9999, batch 256, label dropout 0.1. Ours predicts eps only (no learned sigma / VLB term).
-    "dit-xl2-imagenet": dict(model="dit-xl/2", model_overrides={"learn_sigma": False}, dataset="prepared",
+    # no warmup, EMA 0.9999, batch 256, label dropout 0.1; eps and a learned sigma (8 output channels) trained
+    # on L_simple + 0.001 L_vlb, sampled with DDPM and that variance (250 steps, as DiT's FID samples).
+    "dit-xl2-imagenet": dict(model="dit-xl/2", vlb_weight=0.001, dataset="prepared",
                              data_root="data/imagenet256-sdvae", image_size=32,
                              conditioning="class", class_dropout=0.1, schedule="vp-linear", prediction="eps",
                              batch_size=256, lr=1e-4, weight_decay=0.0, beta1=0.9, beta2=0.999, warmup_steps=0,
                              lr_schedule="constant", grad_clip=0.0, ema_decay=0.9999, max_steps=400_000,
                              mixed_precision="bf16", log_every=100, save_every=20_000, sample_every=20_000,
-                             sample_sampler="ddim", sample_steps=50, sample_guidance=4.0,
+                             sample_sampler="ddpm", sample_steps=250, sample_guidance=4.0,
                              out_dir="runs/dit-xl2-imagenet"),
+    # U-ViT-S/2 (Deep) text-to-image on MS-COCO 256 (Bao et al. 2023, Table 4, FID 5.48; configs/mscoco_uvit.py
+    # with depth 16, 17 blocks): SD-VAE latents 4x32x32, the 77 CLIP ViT-L/14 tokens (768) as 77 extra tokens,
+    # AdamW 2e-4, wd 0.03, betas (0.9, 0.9), 5K warmup then constant, batch 256, 1M steps, EMA 0.9999, 10% of
+    # captions dropped; sampled with DPM-Solver 50 steps at guidance w = 2 (U-ViT's scale 1 is w - 1).
+    # Differences: our vp-linear betas (1e-4..0.02), not SD's scaled-linear (0.00085..0.012)^2, and the
+    # latent scale is whatever the prepared latents carry (U-ViT's COCO features use 0.23010).
+    "uvit-t2i": dict(model="uvit-s/2", model_overrides={"depth": 16}, dataset="tensors",
+                     data_root="data/mscoco256-latents/train.safetensors", image_size=32, conditioning="text",
+                     text_tokens=True, class_dropout=0.1, schedule="vp-linear", prediction="eps",
+                     batch_size=256, lr=2e-4, weight_decay=0.03, beta1=0.9, beta2=0.9, warmup_steps=5000,
+                     lr_schedule="constant", ema_decay=0.9999, max_steps=1_000_000, mixed_precision="bf16",
+                     log_every=100, save_every=50_000, sample_every=10_000, sample_sampler="dpm++2m",
+                     sample_steps=50, sample_guidance=2.0, out_dir="runs/uvit-t2i"),
     # TLD 100M, 256px text-to-image (apapiu/transformer_latent_diffusion): SDXL-VAE latents / 8 (4x32x32),
     # pooled CLIP (768), x0 target, rectified schedule, sigma ~ Beta(1, 2.5), Adam 3e-4, EMA 0.999, batch 256,
     # text dropped to the zero vector 15% of the time.
@@ -305,5 +327,17 @@ def validate(cfg: TrainConfig) -> None:
     if (cfg.text_encoder or cfg.codec) and not (cfg.conditioning == "text" and cfg.dataset not in encoded):
         raise ValueError(f"text_encoder and codec are used with conditioning=text on captioned data; got "
                          f"conditioning={cfg.conditioning!r}, dataset={cfg.dataset!r}")
+    if cfg.text_tokens and not (cfg.conditioning == "text" and MODEL_PRESETS[cfg.model].cls.__name__ == "UViT"):
+        raise ValueError(f"text_tokens=true trains U-ViT on the text token sequence: it needs conditioning=text and "
+                         f"a U-ViT model, got conditioning={cfg.conditioning!r}, model={cfg.model!r}")
+    if cfg.vlb_weight < 0:
+        raise ValueError(f"vlb_weight must be >= 0, got {cfg.vlb_weight}")
+    if cfg.log_with:
+        from accelerate.utils import LoggerType
+
+        known = [t.value for t in LoggerType if t.value != "all"]
+        for name in cfg.log_with.split(","):
+            if name.strip() not in known:
+                raise ValueError(f"log_with: unknown tracker {name.strip()!r}; accelerate's trackers: {', '.join(known)}")
     if cfg.cache_items < 1:
         raise ValueError(f"cache_items must be >= 1, got {cfg.cache_items}")

@@ -343,3 +343,122 @@ def training_loss(model, x0: torch.Tensor, cond, schedule: Schedule, *, predicti
     x_t = add_noise(x0, eps, t, schedule)
     pred = model(x_t, t, cond)
     return loss(pred, x0, eps, t, schedule, prediction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned variances: the hybrid objective (Nichol & Dhariwal 2021), as DiT trains it
+# ---------------------------------------------------------------------------------------------
+
+VLB_WEIGHT = 0.001   # lambda of L_hybrid = L_simple + lambda * L_vlb (Nichol & Dhariwal 2021, section 3.1)
+_LOG2 = math.log(2.0)
+
+
+def num_steps(schedule: Schedule) -> int:
+    """T, the number of discrete steps the variational bound counts: vp-linear's own (1000), else 1000."""
+    return int(getattr(schedule, "num_steps", 1000))
+
+
+def step_log_variances(alpha_t, sigma_t, alpha_s, sigma_s):
+    """(log beta, log beta~) of one reverse step t -> s (s earlier, less noisy), for any schedule.
+
+    beta = sigma_{t|s}^2 = sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2 is the forward step's variance
+    (DDPM's beta_t) and beta~ = sigma_s^2 / sigma_t^2 * beta the posterior q(x_s | x_t, x0)'s (beta~_t).
+    Both are sigma^2 (1 - e^{-2h}) with h = lambda_s - lambda_t: sigma_t^2 for beta, sigma_s^2 for
+    beta~. On vp-linear's grid t = k / 1000 -> (k - 1) / 1000 they are DDPM's beta_k and
+    beta~_k = (1 - abar_{k-1}) / (1 - abar_k) beta_k. (-inf for beta~ when s is clean data.)
+    """
+    f = lambda v: torch.as_tensor(v, dtype=torch.float64)
+    alpha_t, sigma_t, alpha_s, sigma_s = f(alpha_t), f(sigma_t), f(alpha_s), f(sigma_s)
+    # 1 - e^{-2h} = 1 - (alpha_t sigma_s / (alpha_s sigma_t))^2
+    log_one_minus = torch.log(-torch.expm1(2 * (torch.log(alpha_t) + torch.log(sigma_s)
+                                                - torch.log(alpha_s) - torch.log(sigma_t))))
+    return 2 * torch.log(sigma_t) + log_one_minus, 2 * torch.log(sigma_s) + log_one_minus
+
+
+def learned_log_variance(v: torch.Tensor, log_beta, log_beta_tilde) -> torch.Tensor:
+    """The model's log variance from its raw variance output v (about [-1, 1]; Nichol & Dhariwal 2021 eq. 15):
+    log Sigma = frac log beta + (1 - frac) log beta~, frac = (v + 1) / 2."""
+    frac = (v + 1) / 2
+    return frac * log_beta + (1 - frac) * log_beta_tilde
+
+
+def split_learned_variance(out: torch.Tensor, channels: int):
+    """A model output [B, 2C, ...] -> (prediction [B, C, ...], variance values [B, C, ...]); [B, C, ...] -> (out, None)."""
+    if out.shape[1] == 2 * channels:
+        return out[:, :channels], out[:, channels:]
+    return out, None
+
+
+def _gaussian_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _discretized_gaussian_nll(x0, mean, log_var):
+    """-log P(x0's 8-bit bin) under N(mean, e^log_var), for data in [-1, 1] (DDPM's decoder L_0); the
+    end bins reach to +-inf. Elementwise, in nats."""
+    inv_std = torch.exp(-0.5 * log_var)
+    c = x0 - mean
+    cdf_hi = torch.special.ndtr(inv_std * (c + 1 / 255))
+    cdf_lo = torch.special.ndtr(inv_std * (c - 1 / 255))
+    tiny = 1e-12
+    log_p = torch.where(x0 < -0.999, torch.log(cdf_hi.clamp(min=tiny)),
+                        torch.where(x0 > 0.999, torch.log((1 - cdf_lo).clamp(min=tiny)),
+                                    torch.log((cdf_hi - cdf_lo).clamp(min=tiny))))
+    return -log_p
+
+
+def vlb_term(pred: torch.Tensor, v: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+             schedule: Schedule, prediction: str = "eps") -> torch.Tensor:
+    """L_t of the variational bound, in bits per dimension, one value per example ([B]).
+
+    The step is t -> s = t - 1/T (T = ``num_steps``): L_t = KL(q(x_s | x_t, x0) || p(x_s | x_t)) with
+    p = N(mu(pred), Sigma(v)); for t < 1/T, s is clean data and L_0 = -log p(x0 | x_t) with 8-bit bins.
+    There beta~ = 0, so Sigma interpolates to beta~ of the next step instead (Nichol & Dhariwal's clip).
+    The mean comes from ``pred`` as given: pass ``pred.detach()`` for the hybrid loss.
+    """
+    T = num_steps(schedule)
+    t = torch.as_tensor(t, device=x0.device)
+    if t.ndim == 0:
+        t = t.expand(x0.shape[0])
+    td = t.double()
+    s = td - 1.0 / T
+    first = s < 0
+    a_t, s_t = schedule.alpha(td), schedule.sigma(td)
+    s_c = s.clamp(min=0)
+    a_s = torch.where(first, torch.ones_like(s), schedule.alpha(s_c))
+    s_s = torch.where(first, torch.zeros_like(s), schedule.sigma(s_c))
+    log_beta, log_beta_tilde = step_log_variances(a_t, s_t, a_s, s_s)
+    # the clip: beta~ of the step 1/T -> 0 (DDPM's beta~_1), or of 2/T -> 1/T where sigma_0 = 0 (vp-cosine)
+    lo = 0.0 if schedule.sigma(torch.tensor(0.0, dtype=torch.float64)).item() > 0 else 1.0 / T
+    ends = torch.tensor([lo + 1.0 / T, lo], dtype=torch.float64)
+    a_e, s_e = schedule.alpha(ends), schedule.sigma(ends)
+    clip = step_log_variances(a_e[0], s_e[0], a_e[1], s_e[1])[1].to(td.device)
+    log_beta_tilde = torch.where(first, clip, log_beta_tilde)
+    # posterior mean: alpha_s x0 + sqrt(sigma_s^2 - beta~) eps (DDIM with eta = 1), for the true and the model's (x0, eps)
+    coef_eps = torch.sqrt((s_s**2 - torch.exp(log_beta_tilde)).clamp(min=0))
+    bc = lambda u: _bcast(u, x0).float()
+    eps_true = (x_t - bc(a_t) * x0) / bc(s_t)
+    x0_hat, eps_hat = convert(pred, x_t, t, schedule, prediction, "x0"), convert(pred, x_t, t, schedule, prediction, "eps")
+    mean_true = bc(a_s) * x0 + bc(coef_eps) * eps_true
+    mean_model = bc(a_s) * x0_hat + bc(coef_eps) * eps_hat
+    log_var = learned_log_variance(v.float(), bc(log_beta), bc(log_beta_tilde))
+    kl = _gaussian_kl(mean_true, bc(log_beta_tilde), mean_model, log_var).flatten(1).mean(1)
+    nll = _discretized_gaussian_nll(x0.float(), mean_model, log_var).flatten(1).mean(1)
+    return torch.where(first.to(kl.device), nll, kl) / _LOG2
+
+
+def hybrid_loss(out: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor,
+                schedule: Schedule, prediction: str = "eps", vlb_weight: float = VLB_WEIGHT,
+                weighting: str = "none", gamma: float = 5.0) -> torch.Tensor:
+    """The training loss of one batch, [B]: ``loss`` for a model of C output channels; for one of 2C
+    (a learned variance, DiT's 8 channels for 4), L_hybrid = L_simple + lambda T L_t (Nichol & Dhariwal
+    2021, eq. 16: T L_t estimates L_vlb = sum_t L_t), where L_t's mean is computed from the detached
+    prediction so that it trains the variance alone and L_simple alone trains the mean (their section
+    3.1; DiT's ``frozen_out``). With T = 1000 and lambda = 0.001 that is DiT's mse + vb.
+    """
+    pred, v = split_learned_variance(out, x0.shape[1])
+    simple = loss(pred, x0, eps, t, schedule, prediction, weighting, gamma)
+    if v is None:
+        return simple
+    return simple + vlb_weight * num_steps(schedule) * vlb_term(pred.detach(), v, x0, x_t, t, schedule, prediction)

@@ -3,31 +3,47 @@
     python -m tld.evaluate checkpoint=shapes-cond n=72     # a shipped model by name, or any folder: sample, score, report
     python -m tld.evaluate train-classifier     # rebuild tld/assets/shapes-classifier (~1 min)
 
+    # FID-50K as the papers measure it: N samples in ADM's .npz format, made by every process, then
+    # FID and KID against ADM's reference batch (or any .npz of images, or an image folder)
+    accelerate launch --multi_gpu --num_processes 8 -m tld.evaluate checkpoint=runs/dit-xl2-imagenet \
+        n=50000 out=samples.npz ref=VIRTUAL_imagenet256_labeled.npz codec=<SD VAE codec folder> \
+        sampler=ddpm steps=250 guidance=1.5 batch_size=125
+
 The scores come from `tld.judge` (the shapes classifier: color, shape, position adherence) and
-`tld.fid` (FID on classifier or Inception features); this module samples a checkpoint or a
-text-to-image pipeline, scores the samples and writes report.json with labelled pictures.
+`tld.fid` (FID and KID on Inception or classifier features, each figure named by its feature space);
+this module samples a checkpoint or a text-to-image pipeline, scores the samples and writes
+report.json with labelled pictures, or (out=*.npz) the samples file and <out>.score.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import assets, io
+from .autoencoder import load_codec
 from .config import coerce_value, parse_key_values
 from .data import DEFAULT_COLORS, ShapesDataset, parse_caption
 from .fid import (
     FID_FEATURES,
+    KID_SUBSET_SIZE,
+    KID_SUBSETS,
+    feature_space,
     feature_statistics,
     fid,
     frechet_distance,
     image_features,
     inception_available,
+    kid,
+    resolve_features,
 )
 from .judge import (
     HELD_OUT_SEED,
@@ -44,17 +60,19 @@ from .judge import (
 )
 from .pipeline import TextToImage
 from .runs import load_model
-from .samplers import SAMPLERS, generate
+from .samplers import SAMPLERS, generate, sample
 from .viz import show
 
 __all__ = [
     # scoring, re-exported from tld.judge and tld.fid (their home since the redesign)
     "ShapesClassifier", "train_shapes_classifier", "classifier_accuracy",
     "save_shapes_classifier", "load_shapes_classifier", "shapes_accuracy", "shapes_adherence",
-    "fid", "frechet_distance", "feature_statistics", "image_features", "inception_available",
+    "fid", "kid", "frechet_distance", "feature_statistics", "image_features", "inception_available",
     "HELD_OUT_SEED", "held_out_captions", "FID_FEATURES", "PRETRAINED_DIR",
     # evaluating a checkpoint
     "evaluate_checkpoint", "eval_config_from_args", "load_for_eval", "generate_for_eval", "format_summary", "main",
+    # the FID-50K protocol
+    "sample_to_npz", "score_npz", "evaluate_protocol", "format_protocol", "write_npz", "iter_npz", "npz_keys",
 ]
 
 
@@ -62,11 +80,13 @@ __all__ = [
 
 EVAL_KEYS = {  # key: (default, type); None default = required
     "checkpoint": (None, str), "n": (None, int), "steps": (20, int), "guidance": (3.0, float),
-    "sampler": ("dpm++2m", str), "seed": (0, int), "out": ("", str), "features": ("classifier", str),
-    "batch_size": (64, int), "progress": (True, bool),
+    "sampler": ("dpm++2m", str), "seed": (0, int), "out": ("", str), "features": ("", str),
+    "batch_size": (64, int), "progress": (True, bool), "ref": ("", str), "codec": ("", str),
 }
 EVAL_USAGE = ("python -m tld.evaluate checkpoint=PATH n=N [steps=20] [guidance=3] [sampler=dpm++2m] [seed=0] "
               "[out=DIR] [features=classifier] [batch_size=64] [progress=true]\n"
+              "       [accelerate launch -m] python -m tld.evaluate checkpoint=PATH n=50000 out=samples.npz "
+              "[ref=REF.npz|FOLDER] [features=inception] [codec=FOLDER] ...\n"
               "       python -m tld.evaluate train-classifier [--out DIR] [--steps N] [--seed S]")
 
 
@@ -96,8 +116,14 @@ def eval_config_from_args(args: list[str]) -> dict:
         raise ValueError(f"guidance must be >= 0 (1 = no guidance), got {cfg['guidance']}")
     if cfg["sampler"] not in SAMPLERS:
         raise ValueError(f"unknown sampler {cfg['sampler']!r}; valid samplers: {', '.join(SAMPLERS)}")
-    if cfg["features"] not in FID_FEATURES:
-        raise ValueError(f"unknown features {cfg['features']!r}; valid features: {', '.join(FID_FEATURES)}")
+    protocol = cfg["out"].endswith(".npz")
+    if cfg["ref"] and not protocol:
+        raise ValueError(f"ref={cfg['ref']!r} scores an ADM-format samples file: pass out=<samples>.npz too")
+    if not cfg["features"]:   # the published protocol's, or the shapes report's offline default
+        cfg["features"] = "inception" if protocol else "classifier"
+    if cfg["features"] not in FID_FEATURES or (protocol and cfg["features"] == "auto"):
+        valid = [f for f in FID_FEATURES if not (protocol and f == "auto")]
+        raise ValueError(f"unknown features {cfg['features']!r}; valid features: {', '.join(valid)}")
     if not assets.resolve(cfg["checkpoint"]).exists():
         raise FileNotFoundError(f"checkpoint {cfg['checkpoint']!r} does not exist; pass a run or checkpoint folder "
                                 "(tld.runs.load_model), a text-to-image pipeline folder (with pipeline.json), or a "
@@ -211,13 +237,13 @@ def evaluate_checkpoint(checkpoint, n: int, steps: int = 20, guidance: float = 3
     size = images.shape[-1]
     real = (ShapesDataset(size=size, seed=HELD_OUT_SEED, length=n).batch(range(n))["image"] + 1) / 2
     other = (ShapesDataset(size=size, seed=HELD_OUT_SEED + 1, length=n).batch(range(n))["image"] + 1) / 2
-    if features == "auto":
-        features = "inception" if inception_available() else "classifier"
+    features = resolve_features(features)
     clf = load_shapes_classifier()
     f_gen, f_real, f_other = (image_features(x, features, clf) for x in (images, real, other))
     stats_real = feature_statistics(f_real)
     fid_value = frechet_distance(*feature_statistics(f_gen), *stats_real)
     fid_floor = frechet_distance(*feature_statistics(f_other), *stats_real)
+    kid_value, kid_stderr = kid(f_gen, f_real)   # unbiased at this n, unlike FID
 
     targets = _attribute_targets(asked, clf.colors)
     adherence, per_class, right = None, {}, None
@@ -246,7 +272,8 @@ def evaluate_checkpoint(checkpoint, n: int, steps: int = 20, guidance: float = 3
         "checkpoint": str(checkpoint), "kind": kind, "n": n, "steps": steps, "guidance": guidance,
         "sampler": sampler, "seed": seed, "image_size": size,
         "seconds": round(time.perf_counter() - t0, 3), "sampling_seconds": round(sampling_s, 3),
-        "fid": fid_value, "fid_features": features, "fid_real_floor": fid_floor,
+        "fid": fid_value, "fid_features": feature_space(features, clf), "fid_real_floor": fid_floor,
+        "kid": kid_value, "kid_stderr": kid_stderr,
         "fid_real": f"ShapesDataset(size={size}, seed={HELD_OUT_SEED}), first {n} items",
         "adherence": adherence, "per_class": per_class, "files": files,
     }
@@ -324,6 +351,9 @@ def format_summary(report: dict) -> str:
         f"  FID ({report['fid_features']} features, vs {report['n']} held-out real)  {report['fid']:10.2f}",
         f"  FID real vs real at the same n (the floor)          {report['fid_real_floor']:10.2f}",
     ]
+    if report.get("kid") is not None:
+        lines.append(f"  KID ({report['fid_features']} features; 0 = same distribution)  "
+                     f"{report['kid']:.4f} ± {report['kid_stderr']:.4f}")
     adh = report["adherence"]
     if adh is not None:
         parts = [f"{k} {adh[k]:.3f}" for k in ("color", "shape", "position", "all") if adh.get(k) is not None]
@@ -332,6 +362,311 @@ def format_summary(report: dict) -> str:
         lines.append("  weakest classes  " + (", ".join(f"{k} {v:.2f}" for k, v in worst) if worst
                                               else "none: every class read back right"))
     lines.append(f"  wrote report.json, {', '.join(report['files'])} in {report['out']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- FID-50K: ADM's .npz protocol
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _image_seed(seed: int, i: int) -> int:
+    """The seed of image i's starting noise: a function of (seed, i) only, whatever the batch or process."""
+    return (seed * 1_000_003 + i) * 2 + 1
+
+
+def _batch_seed(seed: int, k: int) -> int:
+    """The seed of global batch k's sampler noise (ddpm, ddim with eta > 0)."""
+    return (seed * 1_000_003 + k) * 2
+
+
+def _load_generator(checkpoint, codec: str, device):
+    """(kind, model, decode, sample-condition function) for the protocol: any class / unconditional run
+    (pixels, or latents decoded by ``codec``) or a text-to-image pipeline (its own codec)."""
+    path = assets.resolve(checkpoint)
+    for folder in (path, path / "pipeline"):
+        if (folder / "pipeline.json").is_file():
+            pipe = TextToImage.from_pretrained(folder, device)
+            return "text", pipe, pipe.codec.decode, pipe.config
+    model = load_model(path, device=device)
+    tc = model.train_config
+    dec = load_codec(codec, device).decode if codec else (lambda x: x)
+    if not codec and model.in_chans != 3:
+        raise ValueError(f"{str(path)!r} makes {model.in_chans}-channel latents; pass codec=<the codec folder that "
+                         "made them> (a saved DiffusersVAE, e.g. the SD VAE) so its samples can be decoded to images")
+    return "class" if model.num_classes else "none", model, dec, \
+        {"schedule": tc["schedule"], "prediction": tc["prediction"]}
+
+
+def _to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
+    """Images [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3], as ADM's sampler writes them."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_npz(path, arrays: dict) -> Path:
+    """Write an uncompressed .npz from {name: (shape, dtype, iterable of chunks along axis 0)}, streaming.
+
+    ``np.load(path)[name]`` reads it back; nothing holds the whole array in memory (50K 256 px images are
+    9.8 GB). Atomic: written to a temporary sibling, then renamed.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, (shape, dtype, chunks) in arrays.items():
+                dtype = np.dtype(dtype)
+                with zf.open(name + ".npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array_header_1_0(
+                        f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
+                    rows = 0
+                    for chunk in chunks:
+                        chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                        f.write(chunk.tobytes())
+                        rows += len(chunk)
+                    if rows != shape[0]:
+                        raise ValueError(f"{name}: wrote {rows} rows, the header says {shape[0]}")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def iter_npz(path, key: str = "arr_0", batch: int = 500):
+    """Batches along axis 0 of one array of an .npz, read from the file without loading it whole."""
+    with zipfile.ZipFile(path) as zf:
+        if key + ".npy" not in zf.namelist():
+            raise KeyError(f"{path} has no {key!r}; it holds {', '.join(n[:-4] for n in zf.namelist())}")
+        with zf.open(key + ".npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            if fortran:
+                raise ValueError(f"{path}:{key} is Fortran-ordered; expected C order")
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            for start in range(0, shape[0], batch):
+                m = min(batch, shape[0] - start)
+                yield np.frombuffer(f.read(m * row), dtype=dtype).reshape(m, *shape[1:])
+
+
+def npz_keys(path) -> dict:
+    """{name: shape} of the arrays in an .npz, from their headers only."""
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            with zf.open(name) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                out[name[:-4] if name.endswith(".npy") else name] = read_header(f)[0]
+    return out
+
+
+def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float = 3.0, sampler: str = "dpm++2m",
+                  seed: int = 0, batch_size: int = 64, codec: str = "", progress: bool = False) -> Path:
+    """Sample n images into ADM's .npz format (``arr_0`` uint8 [n, H, W, 3]; ``arr_1`` int64 labels for a
+    class model), across every process of ``accelerate launch``.
+
+    Global batch k holds images [k B, (k + 1) B) and process r samples the batches k = r, r + P, ...:
+    image i starts from noise seeded by (seed, i), with label i mod num_classes (every class equally
+    often), and batch k's sampler noise is seeded by (seed, k). So 1 and N processes write the same
+    file (for one batch_size). Each batch is saved to ``<out>.parts/`` as it is made, so a killed run
+    resumes at the batches not yet written; the main process then streams them into ``out``.
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())   # gloo on a CPU machine, as the trainer
+    out = Path(out)
+    parts = out.with_name(out.name + ".parts")
+    settings = {"checkpoint": str(checkpoint), "n": n, "steps": steps, "guidance": guidance, "sampler": sampler,
+                "seed": seed, "batch_size": batch_size, "codec": codec}
+    done = out.with_name(out.name + ".json")
+    if out.is_file() and done.is_file() and io.read_json(done).get("settings") == settings:
+        return out   # made already, with these settings
+    if state.is_main_process:
+        parts.mkdir(parents=True, exist_ok=True)
+        old = parts / "settings.json"
+        if old.is_file() and io.read_json(old) != settings:
+            raise ValueError(f"{parts} holds batches made with other settings ({io.read_json(old)}); remove it or "
+                             f"pass the same settings ({settings})")
+        io.write_json(old, settings)
+    state.wait_for_everyone()
+    device = state.device if state.device.type == "cuda" else torch.device("cpu")   # not "cpu:0": safetensors
+    kind, gen, decode, cfg = _load_generator(checkpoint, codec, device)
+    model = gen.denoiser if kind == "text" else gen
+    captions = held_out_captions(n) if kind == "text" else None
+    batches = list(range(-(-n // batch_size)))
+    mine = batches[state.process_index::state.num_processes]
+    todo = [k for k in mine if not (parts / f"images_{k:06d}.npy").is_file()]
+    from tqdm.auto import tqdm
+
+    for k in tqdm(todo, disable=not (progress and state.is_main_process), desc=f"sampling {n} images", unit="batch"):
+        idx = range(k * batch_size, min(n, (k + 1) * batch_size))
+        noise = torch.stack([torch.randn(model.in_chans, model.img_size, model.img_size,
+                                         generator=torch.Generator().manual_seed(_image_seed(seed, i))) for i in idx])
+        labels, cond, null = None, None, None
+        if kind == "text":
+            cond, null = gen.condition([captions[i] for i in idx])
+        elif kind == "class":
+            labels = torch.tensor([i % model.num_classes for i in idx])
+            cond = labels.to(device)
+            null = model.null_condition(cond) if guidance != 1.0 else None
+        with torch.no_grad():
+            z = sample(model, noise.to(device), cfg["schedule"], sampler=sampler, steps=steps,
+                       prediction=cfg["prediction"], cond=cond, null_cond=null,
+                       guidance=guidance if cond is not None else 1.0,
+                       generator=torch.Generator().manual_seed(_batch_seed(seed, k)), progress=False)
+            images = decode(z)
+        if labels is not None:
+            _save_npy_atomic(parts / f"labels_{k:06d}.npy", labels.numpy().astype(np.int64))
+        _save_npy_atomic(parts / f"images_{k:06d}.npy", _to_uint8_nhwc(images))   # last: marks the batch done
+    state.wait_for_everyone()
+    if state.is_main_process:
+        first = np.load(parts / "images_000000.npy", mmap_mode="r")
+        arrays = {"arr_0": ((n, *first.shape[1:]), np.uint8,
+                            (np.load(parts / f"images_{k:06d}.npy") for k in batches))}
+        if kind == "class":
+            arrays["arr_1"] = ((n,), np.int64, (np.load(parts / f"labels_{k:06d}.npy") for k in batches))
+        write_npz(out, arrays)
+        io.write_json(done, {"settings": settings, "kind": kind, "shape": [n, *first.shape[1:]],
+                             "processes": state.num_processes})
+        shutil.rmtree(parts)
+    state.wait_for_everyone()
+    return out
+
+
+def _center_crop_resize(image, size: int) -> np.ndarray:
+    """ADM's center crop: halve with a box filter while the short side is >= 2 size, resize the short side
+    to size (bicubic), crop the center square. -> uint8 [size, size, 3]."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def _reference(ref, size: int, batch: int):
+    """(image batches uint8 NHWC or None, (mu, sigma) or None, description) of a reference."""
+    ref = Path(ref)
+    if ref.suffix == ".npz" and ref.is_file():
+        keys = npz_keys(ref)
+        stats = None
+        if "mu" in keys and "sigma" in keys:
+            with np.load(ref) as z:
+                stats = (z["mu"], z["sigma"])
+        images = (lambda: iter_npz(ref, "arr_0", batch)) if "arr_0" in keys else None
+        if images is None and stats is None:
+            raise ValueError(f"reference {ref} has neither images 'arr_0' nor statistics 'mu'/'sigma' "
+                             f"(it holds {', '.join(keys)})")
+        n = keys["arr_0"][0] if "arr_0" in keys else 0
+        return images, stats, f"{ref.name} ({n} images{', mu/sigma' if stats else ''})"
+    if ref.is_dir():
+        if (ref / "manifest.json").is_file():
+            # hook: a tld.prepare folder holds encoded shards (latents or pixels); its images for a reference
+            # come through the module that wrote it, which this branch does not have yet
+            raise NotImplementedError(f"{ref} is a prepared folder (manifest.json); as a FID reference, pass its "
+                                      "source images' folder or an .npz of images (arr_0) for now")
+        files = sorted(p for p in ref.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"reference folder {ref} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+
+        def images():
+            from PIL import Image
+
+            for i in range(0, len(files), batch):
+                out = []
+                for p in files[i:i + batch]:
+                    with Image.open(p) as im:
+                        out.append(_center_crop_resize(im, size))
+                yield np.stack(out)
+        return images, None, f"{ref} ({len(files)} images, center-cropped to {size} px)"
+    raise FileNotFoundError(f"reference {str(ref)!r} does not exist; pass ADM's reference batch (.npz with arr_0 "
+                            "and/or mu, sigma), an .npz of images, or a folder of images")
+
+
+def _features_of_batches(batches, features: str, classifier, batch_size: int, device) -> torch.Tensor:
+    out = []
+    for b in batches:
+        x = torch.from_numpy(np.array(b)).permute(0, 3, 1, 2).float() / 255   # a copy: frombuffer is read-only
+        out.append(image_features(x, features, classifier, batch_size, device))
+    return torch.cat(out)
+
+
+def score_npz(samples, ref, features: str = "inception", classifier=None, batch_size: int = 250, device="cpu",
+              kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE) -> dict:
+    """FID and KID of an ADM-format samples .npz against a reference, in the named feature space.
+
+    FID uses the reference's own mu / sigma when it has them and the features are Inception's (ADM's
+    reference batches were summarised by the same network), else statistics of its images' features.
+    KID needs the reference's images; without them it is None.
+    """
+    if features not in ("inception", "classifier"):
+        raise ValueError(f"features must be 'inception' or 'classifier', got {features!r}")
+    clf = classifier if classifier is not None or features != "classifier" else load_shapes_classifier(device=device)
+    shape = npz_keys(samples).get("arr_0")
+    if shape is None or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{samples} is not an ADM samples file: expected 'arr_0' uint8 [N, H, W, 3], got {shape}")
+    images, stats, described = _reference(ref, shape[1], batch_size)
+    f_gen = _features_of_batches(iter_npz(samples, "arr_0", batch_size), features, clf, batch_size, device)
+    f_ref = _features_of_batches(images(), features, clf, batch_size, device) if images else None
+    use_file_stats = stats is not None and (features == "inception" or f_ref is None)
+    if use_file_stats and features != "inception":
+        raise ValueError(f"reference {ref} has only mu/sigma (Inception statistics, as ADM's are); "
+                         f"features={features!r} needs its images (arr_0)")
+    ref_stats = stats if use_file_stats else feature_statistics(f_ref)
+    value = frechet_distance(*feature_statistics(f_gen), *ref_stats)
+    kid_value, kid_err = kid(f_gen, f_ref, kid_subsets, kid_subset_size) if f_ref is not None else (None, None)
+    return {"fid": value, "kid": kid_value, "kid_stderr": kid_err, "features": feature_space(features, clf),
+            "n_samples": int(shape[0]), "n_reference": int(len(f_ref)) if f_ref is not None else None,
+            "reference": described, "reference_stats": "the file's mu/sigma" if use_file_stats else "computed",
+            "kid_subsets": kid_subsets, "kid_subset_size": min(kid_subset_size, int(shape[0]),
+                                                                len(f_ref) if f_ref is not None else 0)}
+
+
+def evaluate_protocol(checkpoint, n: int, out, ref: str = "", features: str = "inception", steps: int = 20,
+                      guidance: float = 3.0, sampler: str = "dpm++2m", seed: int = 0, batch_size: int = 64,
+                      codec: str = "", progress: bool = False) -> dict | None:
+    """``python -m tld.evaluate checkpoint=... n=50000 out=samples.npz ref=...``: sample (every process), then
+    score on the main process; writes ``<out>.score.json``. Returns the scores (None on other processes)."""
+    from accelerate import PartialState
+
+    out = sample_to_npz(checkpoint, n, out, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
+                        batch_size=batch_size, codec=codec, progress=progress)
+    state = PartialState(cpu=not torch.cuda.is_available())   # gloo on a CPU machine, as the trainer
+    if not state.is_main_process:
+        return None
+    report = {"samples": str(out), "n": n, "checkpoint": str(checkpoint), "steps": steps, "guidance": guidance,
+              "sampler": sampler, "seed": seed}
+    if ref:
+        report.update(score_npz(out, ref, features, device=state.device if state.device.type == "cuda" else "cpu"))
+        io.write_json(out.with_name(out.name + ".score.json"), report)
+    return report
+
+
+def format_protocol(report: dict) -> str:
+    lines = [f"wrote {report['n']} samples of {report['checkpoint']} to {report['samples']} "
+             f"({report['sampler']} {report['steps']} steps, guidance {report['guidance']:g}, seed {report['seed']})"]
+    if "fid" in report:
+        lines.append(f"  against {report['reference']}, {report['features']} features:")
+        lines.append(f"  FID-{report['n']} ({report['features']})  {report['fid']:.3f}"
+                     f"  (reference statistics: {report['reference_stats']})")
+        if report["kid"] is not None:
+            lines.append(f"  KID ({report['features']})  {report['kid']:.5f} ± {report['kid_stderr']:.5f}"
+                         f"  ({report['kid_subsets']} subsets of {report['kid_subset_size']})")
     return "\n".join(lines)
 
 
@@ -363,8 +698,16 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     try:
         cfg = eval_config_from_args(argv)
+        if cfg["out"].endswith(".npz"):   # the FID-50K protocol: ADM's samples file, scored against ref
+            report = evaluate_protocol(**cfg)
+            if report is not None:
+                print(format_protocol(report))
+            return 0
+        ref, codec = cfg.pop("ref"), cfg.pop("codec")
+        if ref or codec:
+            raise ValueError("ref= and codec= go with out=<samples>.npz (the FID-50K protocol)")
         report = evaluate_checkpoint(**cfg)
-    except (ValueError, FileNotFoundError) as e:   # speak to the learner, no traceback
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:   # speak to the learner, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(report))

@@ -139,12 +139,13 @@ class TextToImage(nn.Module):
     def for_training_run(cls, denoiser: nn.Module, text_encoder, codec, train_config: dict,
                          model_kwargs: dict) -> TextToImage:
         """The pipeline a `python -m tld.train conditioning=text` run defines: its schedule, prediction and
-        sampler, guidance against the zero vector (its dropout null), the pooled caption; pixels if no codec."""
+        sampler, guidance against the zero vector (its dropout null), the pooled caption (the token sequence
+        with text_tokens); pixels if no codec."""
         tc = train_config
         return cls(denoiser, text_encoder, codec if codec is not None else IdentityCodec(denoiser.in_chans),
                    denoiser_config={"name": tc["model"], **model_kwargs}, schedule=tc["schedule"],
                    prediction=tc["prediction"], sampler=tc["sample_sampler"], null="zero",
-                   guidance=tc["sample_guidance"], condition="pooled")
+                   guidance=tc["sample_guidance"], condition="tokens" if tc.get("text_tokens") else "pooled")
 
     @classmethod
     def from_run(cls, run_dir, step: int | None = None, which: str = "ema", device="cpu") -> TextToImage:

@@ -22,7 +22,15 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion import PREDICTIONS, Schedule, convert, get_schedule
+from .diffusion import (
+    PREDICTIONS,
+    Schedule,
+    convert,
+    get_schedule,
+    learned_log_variance,
+    split_learned_variance,
+    step_log_variances,
+)
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "euler")
 SPACINGS = ("time", "logsnr", "karras")
@@ -159,7 +167,9 @@ def make_denoiser(model, schedule: Schedule, prediction: str = "eps", cond=None,
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if t.ndim != 0:  # one time per example: the general (slower) path
-            return _denoise_batched_t(model, x, t, schedule, prediction, cond, both_cond, guidance, space)
+            x0, eps, denoise.var = _denoise_batched_t(model, x, t, schedule, prediction, cond, both_cond, guidance,
+                                                      space)
+            return x0, eps
         key = float(t)
         a, s, tb = cache.get(key) or (None, None, None)
         if tb is None:  # alpha, sigma as floats and the [B] time tensor, once per grid time
@@ -169,24 +179,29 @@ def make_denoiser(model, schedule: Schedule, prediction: str = "eps", cond=None,
             tb = torch.full((n,), key, dtype=x.dtype, device=x.device)
             cache[key] = (a, s, tb)
         if not guided:
-            return _split(model(x, tb, cond), x, a, s, prediction)
+            out, denoise.var = split_learned_variance(model(x, tb, cond), x.shape[1])
+            return _split(out, x, a, s, prediction)
         out_c, out_u = model(torch.cat([x, x]), tb, both_cond).chunk(2)
+        # a learned variance comes from the conditional branch (DiT's forward_with_cfg), guidance acts on the mean
+        (out_c, denoise.var), (out_u, _) = (split_learned_variance(o, x.shape[1]) for o in (out_c, out_u))
         if space != prediction:
             out_c, out_u = (_as(*_split(o, x, a, s, prediction), x, a, s, space) for o in (out_c, out_u))
         return _split(out_u + guidance * (out_c - out_u), x, a, s, space)
 
+    denoise.var = None   # after each call: the model's raw variance values when it predicts one (2C channels)
     return denoise
 
 
 def _denoise_batched_t(model, x, t, schedule, prediction, cond, both_cond, guidance, space):
     tb = t.to(device=x.device, dtype=x.dtype)
     if both_cond is None:
-        out = model(x, tb, cond)
-        return convert(out, x, tb, schedule, prediction, "x0"), convert(out, x, tb, schedule, prediction, "eps")
+        out, var = split_learned_variance(model(x, tb, cond), x.shape[1])
+        return convert(out, x, tb, schedule, prediction, "x0"), convert(out, x, tb, schedule, prediction, "eps"), var
     out_c, out_u = model(torch.cat([x, x]), torch.cat([tb, tb]), both_cond).chunk(2)
+    (out_c, var), (out_u, _) = (split_learned_variance(o, x.shape[1]) for o in (out_c, out_u))
     out_c, out_u = (convert(o, x, tb, schedule, prediction, space) for o in (out_c, out_u))
     out = out_u + guidance * (out_c - out_u)
-    return convert(out, x, tb, schedule, space, "x0"), convert(out, x, tb, schedule, space, "eps")
+    return convert(out, x, tb, schedule, space, "x0"), convert(out, x, tb, schedule, space, "eps"), var
 
 
 def _cat_cond(cond, null_cond):
@@ -220,6 +235,20 @@ def ddim_step(x, x0, eps, alpha_s, sigma_s, eta: float = 0.0, noise=None, lam_t=
     return _lincomb(x0, alpha_s, (eps, math.sqrt(max(sigma_s**2 - c**2, 0.0))), (noise, c))
 
 
+def learned_variance_step(x0, eps, v, alpha_t: float, sigma_t: float, alpha_s: float, sigma_s: float, noise):
+    """One ancestral DDPM step t -> s with the model's learned variance (Nichol & Dhariwal 2021; DiT's sampler).
+
+    x_s = mu~(x_t, x0) + exp(log Sigma / 2) z: the posterior mean alpha_s x0 + sqrt(sigma_s^2 - beta~) eps,
+    as in DDPM, and log Sigma = frac log beta + (1 - frac) log beta~, frac = (v + 1) / 2, with beta, beta~
+    the step's forward and posterior variances (``tld.diffusion.step_log_variances``): on a respaced
+    grid, those of the respaced step, as DiT's 250-step sampler uses them.
+    """
+    log_beta, log_beta_tilde = (float(u) for u in step_log_variances(alpha_t, sigma_t, alpha_s, sigma_s))
+    mean = _lincomb(x0, alpha_s, (eps, math.sqrt(max(sigma_s**2 - math.exp(log_beta_tilde), 0.0))))
+    log_var = learned_log_variance(v.to(mean.dtype), log_beta, log_beta_tilde)
+    return mean + torch.exp(0.5 * log_var) * noise
+
+
 def sample_ddim(denoiser: Denoiser, x: torch.Tensor, ts: torch.Tensor, schedule: Schedule, *, eta: float = 0.0,
                 final_denoise: bool = True, generator=None, progress: bool = True, trajectory: list | None = None):
     """DDIM (Song et al. 2021, eq. 12). eta = 0: the probability-flow ODE's first-order solver
@@ -231,7 +260,11 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, ts: torch.Tensor, schedule:
         noise = None
         if eta > 0 and sigmas[i + 1] > 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = ddim_step(x, x0, eps, alphas[i + 1], sigmas[i + 1], eta, noise, lams[i], lams[i + 1])
+        var = getattr(denoiser, "var", None)
+        if eta == 1.0 and var is not None and noise is not None:   # DDPM with the model's own variance
+            x = learned_variance_step(x0, eps, var, alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1], noise)
+        else:
+            x = ddim_step(x, x0, eps, alphas[i + 1], sigmas[i + 1], eta, noise, lams[i], lams[i + 1])
         if trajectory is not None:
             trajectory.append(x.detach().cpu())
     return x

@@ -122,17 +122,19 @@ def prepare_text_encoders(cfg: TrainConfig, accelerator, out_dir: Path):
 
 
 class TextCached(torch.utils.data.Dataset):
-    """A `tld.cache` folder as the loop reads it: {'image': latent, 'text': pooled embedding}."""
+    """A `tld.cache` folder as the loop reads it: {'image': latent, 'text': pooled embedding [D]}, or with
+    ``tokens`` the token sequence [L, D] (CLIP's 77 last hidden states; U-ViT's text tokens)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, tokens: bool = False):
         self.cache = CachedDataset(folder)
+        self.key = "tokens" if tokens else "pooled"
 
     def __len__(self):
         return len(self.cache)
 
     def __getitem__(self, i):
         item = self.cache[i]
-        return {"image": item["image"], "text": item["pooled"]}
+        return {"image": item["image"], "text": item[self.key]}
 
 
 def cache_text_dataset(cfg: TrainConfig, accelerator, dataset, text_encoder, codec, out_dir: Path):
@@ -141,8 +143,9 @@ def cache_text_dataset(cfg: TrainConfig, accelerator, dataset, text_encoder, cod
     with accelerator.main_process_first():
         if accelerator.is_main_process and cfg.progress:
             print(f"encoding {n} images and captions once into {root}")
-        folder = build_cache(dataset, root, codec=codec, text_encoder=text_encoder, n=n, batch_size=256)
-    return TextCached(folder)
+        folder = build_cache(dataset, root, codec=codec, text_encoder=text_encoder, n=n, batch_size=256,
+                             tokens=cfg.text_tokens)
+    return TextCached(folder, tokens=cfg.text_tokens)
 
 
 class TensorFileDataset(torch.utils.data.Dataset):
@@ -260,8 +263,8 @@ def model_kwargs(cfg: TrainConfig, dataset) -> dict:
               attn_backend=cfg.attn_backend)
     if cfg.conditioning == "text":
         kw["text_dim"] = int(item["text"].shape[-1])
-        if family(cfg.model) == "uvit":
-            kw["text_len"] = 1  # U-ViT reads the pooled vector as one context token
+        if family(cfg.model) == "uvit":   # the pooled vector as one context token, or the token sequence
+            kw["text_len"] = int(item["text"].shape[0]) if item["text"].ndim == 2 else 1
     return {**kw, **cfg.model_overrides}
 
 
@@ -392,7 +395,8 @@ def setup(cfg: TrainConfig, accelerator=None) -> Run:
         torch.set_num_threads(cfg.threads)
     if accelerator is None:
         _forget_other_precision(cfg.mixed_precision)
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                                  log_with=_trackers(cfg), project_dir=cfg.out_dir)
     if cfg.mixed_precision != "no" and accelerator.device.type == "cpu":
         warnings.warn(f"mixed_precision={cfg.mixed_precision} on a CPU is far slower than fp32; use it on GPUs",
                       stacklevel=3)
@@ -464,6 +468,8 @@ def start(run: Run) -> None:
     log = run.out_dir / "log.jsonl"
     if run.main and run.start_step == 0 and log.exists():
         log.unlink()
+    if cfg.log_with:   # TensorBoard, W&B, ... through accelerate (their files in out_dir/<run name>/)
+        acc.init_trackers(run.out_dir.name or "tld", config=_tracker_config(cfg))
     run.bar = tqdm(total=cfg.max_steps, initial=run.start_step, disable=not (run.main and cfg.progress),
                    desc="training", dynamic_ncols=True)
     run.t_start = time.perf_counter()
@@ -497,8 +503,9 @@ def train_step(run: Run) -> float:
         ctx = acc.no_sync(run.model) if not sync and world > 1 else contextlib.nullcontext()
         with ctx, acc.autocast():
             pred = run.model(x_t, t, cond)
-            loss = diffusion.loss(pred, x0, eps, t, run.schedule, cfg.prediction, cfg.loss_weighting,
-                                  cfg.min_snr_gamma).mean() / cfg.grad_accum
+            # L_simple (weighted as loss_weighting says); plus lambda T L_vlb for a model that predicts its variance
+            loss = diffusion.hybrid_loss(pred, x0, eps, t, x_t, run.schedule, cfg.prediction, cfg.vlb_weight,
+                                         cfg.loss_weighting, cfg.min_snr_gamma).mean() / cfg.grad_accum
         acc.backward(loss)
         step_loss += loss.detach()
     # the logged loss is the mean over every process's micro-batches
@@ -529,6 +536,8 @@ def after_step(run: Run, loss: float) -> None:
         with open(run.out_dir / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "loss": mean, "lr": lr,
                                 "seconds": round(time.perf_counter() - run.t_start, 3)}) + "\n")
+        if cfg.log_with:
+            run.accelerator.log({"loss": mean, "lr": lr}, step=step)
     if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
         _save(run)
     if run.main and cfg.sample_every and step % cfg.sample_every == 0:
@@ -553,6 +562,8 @@ def finish(run: Run) -> dict:
                "num_processes": run.accelerator.num_processes, "parameters": count_parameters(run.raw_model)}
     if run.main:
         io.write_json(run.out_dir / "summary.json", summary)
+    if run.cfg.log_with:
+        run.accelerator.end_training()
     run.accelerator.wait_for_everyone()
     return summary
 
@@ -567,6 +578,16 @@ def _save(run: Run) -> None:
         save_checkpoint(run.out_dir, run.step, run.raw_model, run.ema, run.optimizer, meta,
                         keep=run.cfg.keep_checkpoints)
     run.accelerator.wait_for_everyone()
+
+
+def _trackers(cfg: TrainConfig):
+    """log_with=tensorboard,wandb -> accelerate's list of trackers (None: log.jsonl only)."""
+    return [name.strip() for name in cfg.log_with.split(",") if name.strip()] or None
+
+
+def _tracker_config(cfg: TrainConfig) -> dict:
+    """The config as trackers store it: numbers, strings and bools; anything else as its JSON text."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in asdict(cfg).items()}
 
 
 def _forget_other_precision(mixed_precision: str) -> None:
