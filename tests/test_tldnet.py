@@ -81,7 +81,9 @@ def test_conv_mlp_mixes_neighbouring_patches_and_plain_mlp_does_not():
 def test_tld_100m_is_pre_norm_like_the_current_reference_and_post_norm_costs_the_same():
     from tld.models import PRESETS
 
-    assert PRESETS["tld-100m"].kwargs["norm"] == "pre"
+    # the current reference (tld/transformer_blocks.py DecoderBlock): pre-norm, and embed_dim // 64 heads for
+    # the cross-attention as for the self-attention (the released file's blocks had 4 cross heads, post-norm)
+    assert PRESETS["tld-100m"].kwargs["norm"] == "pre" and PRESETS["tld-100m"].kwargs["cross_heads"] == 768 // 64
     assert count_on_meta("tld-100m") == count_on_meta("tld-100m", norm="post") == 101_164_352
     torch.manual_seed(0)
     pre = create("tld-course", num_classes=0, text_dim=8, depth=1, norm="pre")

@@ -73,7 +73,7 @@ PRESETS: dict[str, Preset] = {
                           "the CPU course U-DiT: shapes 32x32, 18 classes"),
     # The TLD denoiser, apapiu/transformer_latent_diffusion (tld/models/tldnet.py).
     "tld-100m": Preset(TLDNet, dict(img_size=32, patch_size=2, in_chans=4, embed_dim=768, depth=12,
-                                    noise_embed_dim=256, text_dim=768, norm="pre"),
+                                    noise_embed_dim=256, text_dim=768, norm="pre", cross_heads=12),
                        "the TLD denoiser, latents 4x32x32, pooled CLIP 768, pre-norm as the reference now is "
                        "(101,164,352 params)"),
     "tld-course": Preset(TLDNet, dict(img_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6,

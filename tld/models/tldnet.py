@@ -13,7 +13,9 @@ is told t, and for ``rectified`` t is sigma.
 
 Reference choices kept in ``tld-100m`` (101,164,352 parameters): pre-norm blocks (the reference's
 current ``tld/transformer_blocks.py``, since its February 2024 commit "add pre norm"; earlier versions
-were post-norm), no attention output projection, no final norm, 4 cross-attention heads. Options:
+were post-norm), no attention output projection, no final norm, and embed_dim // 64 = 12 cross-attention
+heads like the self-attention's (the released ``state_dict_378000.pth`` was trained with the earlier blocks:
+post-norm and 4 cross heads; ``tld.interop.load_official`` reads it so). Options:
 ``norm="post"`` (the earlier reference, same parameter count), ``attn_proj=True``, ``final_norm=True``,
 ``conv_mlp=False`` (the plain MLP, for lesson 05). The class default stays ``norm="post"``: the course
 presets and the shipped ``shapes-t2i`` were trained with it, and their saved configs do not name it.
