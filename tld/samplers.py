@@ -435,7 +435,8 @@ def sampling_grid(schedule, steps: int, prediction: str = "eps", *, spacing: str
 
 def invert(model, x: torch.Tensor, schedule, *, steps: int = 50, prediction: str = "eps", cond=None,
            null_cond=None, guidance: float = 1.0, spacing: str = DEFAULT_SPACING, t_max: float | None = None,
-           t_min: float | None = None, timesteps=None, progress: bool = True, return_trajectory: bool = False):
+           t_min: float | None = None, timesteps=None, iters: int = 0, progress: bool = True,
+           return_trajectory: bool = False):
     """DDIM inversion: carry a clean image ``x`` (at t_min; 0 by default) up to x_t at t_max (lesson 14).
 
     The deterministic DDIM step run upward on the grid ``sample`` would use, reversed: from u to the next,
@@ -445,6 +446,12 @@ def invert(model, x: torch.Tensor, schedule, *, steps: int = 50, prediction: str
     Each step uses the slope at its start where the sampler coming back uses the slope at its end, so a
     round trip ``sample(model, invert(...), schedule, sampler="ddim", t_start=t_max)`` on the same grid
     returns x only up to an error that falls as the steps grow (first order).
+
+    ``iters`` > 0 refines each step from a noisy point by fixed-point iteration on the equation the DDIM step
+    back must satisfy, x_u = alpha_u x0_pred(x_v, v) + sigma_u eps, eps = (x_v - alpha_v x0_pred) / sigma_v:
+    x_v <- alpha_v x0_pred(x_v, v) + sigma_v (x_u - alpha_u x0_pred(x_v, v)) / sigma_u (as in Pan et al. 2023's
+    fixed-point inversion); each iteration is one more model call. It converges when the steps are small and
+    can diverge on coarse grids (lesson 14 measures both).
     Returns x at t_max [B, ...]; with ``return_trajectory`` also the list of x at each time, from t_min up.
     """
     schedule = get_schedule(schedule)
@@ -459,7 +466,12 @@ def invert(model, x: torch.Tensor, schedule, *, steps: int = 50, prediction: str
                 x0, eps = denoiser(x, up[i])
             else:  # clean data: x0 is x itself, and eps is the model's guess at the next time
                 x0, (_, eps) = x, denoiser(x, up[i + 1])
-            x = ddim_step(x, x0, eps, alphas[i + 1], sigmas[i + 1])
+            x_next = ddim_step(x, x0, eps, alphas[i + 1], sigmas[i + 1])
+            for _ in range(iters if sigmas[i] > 0 else 0):
+                x0_v, _ = denoiser(x_next, up[i + 1])
+                x_next = _lincomb(x0_v, alphas[i + 1], (x, sigmas[i + 1] / sigmas[i]),
+                                  (x0_v, -alphas[i] * sigmas[i + 1] / sigmas[i]))
+            x = x_next
             if traj is not None:
                 traj.append(x.detach().cpu())
     return (x, traj) if return_trajectory else x
