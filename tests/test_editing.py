@@ -9,8 +9,16 @@ import torch
 from tld.diffusion import add_noise, get_schedule
 from tld.gmm import GMM, rms_error
 from tld.models import create
-from tld.samplers import (classifier_guided, generate, invert, make_denoiser, sample, sample_heun, sampling_grid,
-                          time_grid)
+from tld.samplers import (
+    classifier_guided,
+    generate,
+    invert,
+    make_denoiser,
+    sample,
+    sample_heun,
+    sampling_grid,
+    time_grid,
+)
 
 
 @pytest.fixture(scope="module")
