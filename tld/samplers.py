@@ -1,4 +1,4 @@
-"""Sampling: integrate the reverse process from noise to data (lessons 07, 08).
+"""Sampling: integrate the reverse process from noise to data (lessons 07, 08), or from a given x_t, and back (14, 15).
 
 Each sampler is a plain function over a *denoiser* ``D(x, t) -> (x0_pred, eps_pred)``, in the
 spirit of k-diffusion; ``sample()`` builds that denoiser from a model of any prediction type,
