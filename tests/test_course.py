@@ -119,6 +119,35 @@ def _loss_without_dropout(model, x0, labels, t, eps, drop, schedule):  # forgets
     return (model(a * x0 + s * eps, t, labels) - (a * eps - s * x0)).pow(2).mean()
 
 
+def _guided_at_x0(denoiser, log_prob, scale, schedule):  # the gradient taken at x0_pred, not through the denoiser
+    def guided(x, t):
+        x0, eps = denoiser(x, t)
+        x0 = x0.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(log_prob(x0).sum(), x0)
+        a, s = schedule.alpha(t).item(), schedule.sigma(t).item()
+        return x0.detach() + scale * s**2 / a * g, eps.detach() - scale * s * g
+    return guided
+
+
+def _inversion_without_iterations(denoiser, x_u, t_u, t_v, schedule, iters):  # iters ignored
+    x0, eps = denoiser(x_u, torch.tensor(t_u, dtype=torch.float64))
+    t_v = torch.tensor(t_v, dtype=torch.float64)
+    return schedule.alpha(t_v).item() * x0 + schedule.sigma(t_v).item() * eps
+
+
+def _round_trip_mse(model, x0, schedule, steps, prediction, iters):  # mean squared, not root mean squared
+    from tld.samplers import invert, sample, sampling_grid
+    x_t = invert(model, x0, schedule, steps=steps, prediction=prediction, iters=iters, progress=False)
+    back = sample(model, x_t, schedule, steps=steps, prediction=prediction, progress=False,
+                  t_start=sampling_grid(schedule, steps, prediction)[0].item())
+    return (back - x0).pow(2).mean().item()
+
+
+def _arc_over_chord(trajectory):  # straightness upside down
+    p = torch.stack([x.double() for x in trajectory]).flatten(2)
+    return (p[1:] - p[:-1]).norm(dim=2).sum(0) / (p[-1] - p[0]).norm(dim=1)
+
+
 # a plausible mistake for each task, and a word its hint must contain
 WRONG = {
     "add_noise": (lambda x0, eps, t, s: s.alpha(t).view(-1, 1, 1, 1) ** 2 * x0 + s.sigma(t).view(-1, 1, 1, 1) ** 2 * eps,
@@ -152,6 +181,13 @@ WRONG = {
     "vae_kl": (lambda mean, logvar: (mean ** 2 + logvar.exp() - 1 - logvar).sum([1, 2, 3]), "1/2"),
     "latent_scale": (lambda z: z.std(), "1 / z.std()"),
     "psnr": (lambda a, b: 10 * math.log10(1 / (a - b).pow(2).mean().item()), "range is 2"),
+    "classifier_guided": (_guided_at_x0, "with respect to x_t"),
+    "fixed_point_inversion_step": (_inversion_without_iterations, "iteration"),
+    "round_trip_error": (_round_trip_mse, "square root"),
+    "heun_step": (lambda velocity, x, t, s: x + (s - t) * velocity(x, t), "Euler"),
+    "midpoint_step": (lambda velocity, x, t, s: x + 0.5 * (s - t) * (velocity(x, t) + velocity(
+        x + (s - t) * velocity(x, t), s)), "Heun"),
+    "path_straightness": (_arc_over_chord, "upside down"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Sampling: integrate the reverse process from noise to data (lessons 07, 08).
+"""Sampling: integrate the reverse process from noise to data (lessons 07, 08), or from a given x_t, and back (14, 15).
 
 Each sampler is a plain function over a *denoiser* ``D(x, t) -> (x0_pred, eps_pred)``, in the
 spirit of k-diffusion; ``sample()`` builds that denoiser from a model of any prediction type,
@@ -32,7 +32,7 @@ from .diffusion import (
     step_log_variances,
 )
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "euler")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++3m", "euler", "heun")
 SPACINGS = ("time", "logsnr", "karras")
 # Measured with DPM-Solver++(2M) on closed-form GMM problems (`python -m tld.bench spacing`, lesson 07):
 # logSNR-uniform is best at 20+ steps on every schedule, and at 10 steps on vp-linear (4.4e-2 vs 9.6e-2
@@ -373,9 +373,141 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, ts: torch.Tensor, schedule
     return x
 
 
+def sample_heun(denoiser: Denoiser, x: torch.Tensor, ts: torch.Tensor, schedule: Schedule, *,
+                final_denoise: bool = True, progress: bool = True, trajectory: list | None = None):
+    """Heun's method (the explicit trapezoid rule) on the probability-flow ODE in the schedule's own time t,
+    dx/dt = alpha'_t x0_pred + sigma'_t eps_pred, as in Karras et al. 2022, Alg. 1 (there in sigma~).
+
+    Each step takes an Euler step to s, evaluates the slope there, and steps again with the mean of the two
+    slopes: second order, two model calls per step. A step that ends on clean data (sigma_s = 0) stays an
+    Euler step (the slope there needs eps at sigma = 0), so ``len(ts) - 1`` steps cost ``2 (len(ts) - 1) - 1``
+    model calls with ``final_denoise`` and ``2 (len(ts) - 1)`` without. On rectified the slope is the
+    flow-matching velocity eps - x0 (Liu et al. 2023; Lipman et al. 2023)."""
+    td = ts.double().cpu()
+    d_alpha, d_sigma = _derivative(schedule.alpha, td), _derivative(schedule.sigma, td)
+    _, sigmas, _ = _grid_values(schedule, ts, final_denoise)
+    for i in _steps(ts, progress):
+        x0, eps = denoiser(x, ts[i])
+        dt = (td[i + 1] - td[i]).item()
+        if sigmas[i + 1] == 0 and final_denoise:  # onto clean data: the Euler step lands on x0_pred
+            x = x0
+        else:
+            x_euler = _lincomb(x, 1.0, (x0, dt * d_alpha[i]), (eps, dt * d_sigma[i]))
+            x0_s, eps_s = denoiser(x_euler, ts[i + 1])
+            # x + dt/2 (slope at t + slope at s), slope = alpha' x0 + sigma' eps
+            x = _lincomb(x, 1.0, (x0, 0.5 * dt * d_alpha[i]), (eps, 0.5 * dt * d_sigma[i]),
+                         (x0_s, 0.5 * dt * d_alpha[i + 1]), (eps_s, 0.5 * dt * d_sigma[i + 1]))
+        if trajectory is not None:
+            trajectory.append(x.detach().cpu())
+    return x
+
+
+def classifier_guided(denoiser: Denoiser, log_prob: Callable[[torch.Tensor], torch.Tensor], scale: float,
+                      schedule: Schedule) -> Denoiser:
+    """Classifier guidance (Dhariwal & Nichol 2021, Alg. 2 in eps form) with a classifier of *clean* images.
+
+    ``log_prob(x0_pred) -> [B]``: log p(y | x0) of the wanted y. The guide is the gradient of
+    log p(y | x_t) ~ log p(y | x0_pred(x_t)), back through the denoiser, added to the score:
+    eps~ = eps_pred - scale * sigma_t * grad, i.e. x0~ = x0_pred + scale * sigma_t^2 / alpha_t * grad.
+    ``scale`` = 0 returns the denoiser's own predictions. Needs alpha_t > 0 (not rectified at t = 1).
+    """
+    schedule = get_schedule(schedule)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if scale == 0:
+            return denoiser(x, t)
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            x0, eps = denoiser(x_in, t)
+            (grad,) = torch.autograd.grad(log_prob(x0).sum(), x_in)
+        td = torch.as_tensor(t, dtype=torch.float64).cpu()
+        a, s = schedule.alpha(td), schedule.sigma(td)
+        if (a <= 0).any():
+            raise ValueError(f"classifier guidance needs alpha_t > 0; got t={td.tolist()}")
+        shape = (-1,) + (1,) * (x.ndim - 1) if td.ndim else ()
+        a, s = (v.reshape(shape).to(device=x.device, dtype=x.dtype) for v in (a, s))
+        return x0.detach() + (scale * s**2 / a) * grad, eps.detach() - (scale * s) * grad
+
+    return denoise
+
+
 # ---------------------------------------------------------------------------------------------
 # The entry point
 # ---------------------------------------------------------------------------------------------
+
+
+def sampling_grid(schedule, steps: int, prediction: str = "eps", *, spacing: str = DEFAULT_SPACING,
+                  t_max: float | None = None, t_min: float | None = None, timesteps=None,
+                  t_start: float | None = None) -> torch.Tensor:
+    """The decreasing float64 grid ``sample`` runs on (``steps + 1`` times; ``invert`` runs it backwards).
+
+    ``timesteps`` as given (checked); else ``time_grid`` from ``t_start`` (or t_max) to t_min. An eps model
+    on rectified starts at 0.999 by default, since x0 = (x - sigma eps) / alpha is undefined at alpha = 0.
+    """
+    schedule = get_schedule(schedule)
+    if timesteps is not None:
+        ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
+        if len(ts) < 2 or not (ts[1:] < ts[:-1]).all() or ts[-1] < 0 or ts[0] > 1:
+            raise ValueError(f"timesteps must decrease within [0, 1] and hold at least 2 times, got {ts.tolist()}")
+        if t_start is not None and float(t_start) != ts[0].item():
+            raise ValueError(f"t_start={t_start} differs from the first of the timesteps ({ts[0].item()}); "
+                             "give one or the other")
+    else:
+        if t_start is not None:
+            if t_max is not None and float(t_max) != float(t_start):
+                raise ValueError(f"t_start={t_start} and t_max={t_max} both set the first time; give one")
+            t_max = t_start
+        if t_max is None and prediction == "eps" and schedule.alpha(torch.tensor(schedule.t_max)).item() == 0:
+            t_max = 0.999  # x0 = (x - sigma eps) / alpha is undefined at alpha = 0
+        ts = time_grid(schedule, steps, spacing, t_max, t_min)
+    if prediction == "eps" and schedule.alpha(ts[:1]).item() == 0:
+        raise ValueError(f"an eps-prediction model cannot start at t={ts[0].item()} where alpha = 0; "
+                         "use t_max < 1 (for example 0.999)")
+    return ts
+
+
+def invert(model, x: torch.Tensor, schedule, *, steps: int = 50, prediction: str = "eps", cond=None,
+           null_cond=None, guidance: float = 1.0, spacing: str = DEFAULT_SPACING, t_max: float | None = None,
+           t_min: float | None = None, timesteps=None, iters: int = 0, progress: bool = True,
+           return_trajectory: bool = False):
+    """DDIM inversion: carry a clean image ``x`` (at t_min; 0 by default) up to x_t at t_max (lesson 14).
+
+    The deterministic DDIM step run upward on the grid ``sample`` would use, reversed: from u to the next,
+    larger time v, x_v = alpha_v x0_pred(x_u, u) + sigma_v eps_pred(x_u, u) (Song et al. 2021, sec. 4.3;
+    Mokady et al. 2023 use it to edit real images). Where sigma_u = 0 (clean data) eps_pred is undefined, so
+    that first step asks the model at v instead (as diffusers' DDIMInverseScheduler does at every step).
+    Each step uses the slope at its start where the sampler coming back uses the slope at its end, so a
+    round trip ``sample(model, invert(...), schedule, sampler="ddim", t_start=t_max)`` on the same grid
+    returns x only up to an error that falls as the steps grow (first order).
+
+    ``iters`` > 0 refines each step from a noisy point by fixed-point iteration on the equation the DDIM step
+    back must satisfy, x_u = alpha_u x0_pred(x_v, v) + sigma_u eps, eps = (x_v - alpha_v x0_pred) / sigma_v:
+    x_v <- alpha_v x0_pred(x_v, v) + sigma_v (x_u - alpha_u x0_pred(x_v, v)) / sigma_u (as in Pan et al. 2023's
+    fixed-point inversion); each iteration is one more model call. It converges when the steps are small and
+    can diverge on coarse grids (lesson 14 measures both).
+    Returns x at t_max [B, ...]; with ``return_trajectory`` also the list of x at each time, from t_min up.
+    """
+    schedule = get_schedule(schedule)
+    ts = sampling_grid(schedule, steps, prediction, spacing=spacing, t_max=t_max, t_min=t_min, timesteps=timesteps)
+    up = ts.flip(0)
+    denoiser = make_denoiser(model, schedule, prediction, cond, null_cond, guidance, times=up)
+    alphas, sigmas = schedule.alpha(up).tolist(), schedule.sigma(up).tolist()
+    traj = [x.detach().cpu()] if return_trajectory else None
+    with torch.no_grad():
+        for i in tqdm(range(len(up) - 1), disable=not progress, desc="inverting", leave=False):
+            if sigmas[i] > 0:
+                x0, eps = denoiser(x, up[i])
+            else:  # clean data: x0 is x itself, and eps is the model's guess at the next time
+                x0, (_, eps) = x, denoiser(x, up[i + 1])
+            x_next = ddim_step(x, x0, eps, alphas[i + 1], sigmas[i + 1])
+            for _ in range(iters if sigmas[i] > 0 else 0):
+                x0_v, _ = denoiser(x_next, up[i + 1])
+                x_next = _lincomb(x0_v, alphas[i + 1], (x, sigmas[i + 1] / sigmas[i]),
+                                  (x0_v, -alphas[i] * sigmas[i + 1] / sigmas[i]))
+            x = x_next
+            if traj is not None:
+                traj.append(x.detach().cpu())
+    return (x, traj) if return_trajectory else x
 
 
 def sample(model, noise: torch.Tensor, schedule, *, sampler: str = "ddim", steps: int = 50,
@@ -383,8 +515,8 @@ def sample(model, noise: torch.Tensor, schedule, *, sampler: str = "ddim", steps
            spacing: str = DEFAULT_SPACING, t_max: float | None = None, t_min: float | None = None,
            final_denoise: bool = True, generator: torch.Generator | None = None, progress: bool = True,
            return_trajectory: bool = False, eta: float | None = None, timesteps=None,
-           guidance_space: str | None = None):
-    """Draw samples from ``model`` starting at ``noise`` (pure N(0, I) at t_max).
+           guidance_space: str | None = None, t_start: float | None = None):
+    """Draw samples from ``model`` starting at ``noise`` (pure N(0, I) at t_max), or from a given x_t at ``t_start``.
 
     ``sampler``: ``ddpm`` (ancestral), ``ddim`` (``eta`` 0..1), ``dpm++2m``, ``dpm++3m``, ``euler``.
     ``eta``: the DDIM noise scale; None means the sampler's own: 0 for ddim, 1 for ddpm (DDPM *is*
@@ -393,25 +525,27 @@ def sample(model, noise: torch.Tensor, schedule, *, sampler: str = "ddim", steps
     ``steps`` is the number of model evaluations (twice the batch when guided, in one call).
     ``timesteps``: an explicit decreasing grid of ``steps + 1`` times (overrides spacing, t_max, t_min).
     With eps prediction the model cannot give x0 where alpha = 0, so rectified then starts at t = 0.999.
+    ``heun`` is second order at two model calls a step (see ``sample_heun``): ``steps`` counts its steps.
+
+    Starting part-way (SDEdit, a DDIM inversion's output; lesson 14): with ``t_start`` the input is taken
+    as x_t at time t_start exactly as given (no rescaling), and the grid of ``steps + 1`` times runs from
+    t_start down to t_min with the same spacing rules. ``x_t = add_noise(image, eps, t, schedule)`` then
+    ``sample(model, x_t, schedule, t_start=t)`` denoises a real image from t. Without it the input is
+    N(0, I) noise, scaled to sigma at the first time for schedules that are not variance preserving;
+    ``t_start=t_max`` with that scaled noise (for VP schedules: the noise itself) is the same run, bit for
+    bit. With ``timesteps``, ``t_start`` must be their first time.
     Returns x [B, C, H, W]; with ``return_trajectory`` also the list of x before and after each step.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     eta = _sampler_eta(sampler, eta)
     schedule = get_schedule(schedule)
-    if timesteps is not None:
-        ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
-        if len(ts) < 2 or not (ts[1:] < ts[:-1]).all() or ts[-1] < 0 or ts[0] > 1:
-            raise ValueError(f"timesteps must decrease within [0, 1] and hold at least 2 times, got {ts.tolist()}")
-    else:
-        if t_max is None and prediction == "eps" and schedule.alpha(torch.tensor(schedule.t_max)).item() == 0:
-            t_max = 0.999  # x0 = (x - sigma eps) / alpha is undefined at alpha = 0
-        ts = time_grid(schedule, steps, spacing, t_max, t_min)
-    if prediction == "eps" and schedule.alpha(ts[:1]).item() == 0:
-        raise ValueError(f"an eps-prediction model cannot start at t={ts[0].item()} where alpha = 0; "
-                         "use t_max < 1 (for example 0.999)")
-    # start from pure noise scaled to sigma at t_max (1 for VP schedules)
-    x = noise if schedule.variance_preserving else noise * schedule.sigma(ts[:1]).item()
+    ts = sampling_grid(schedule, steps, prediction, spacing=spacing, t_max=t_max, t_min=t_min,
+                       timesteps=timesteps, t_start=t_start)
+    if t_start is not None:  # a given x_t at ts[0] = t_start, as it is
+        x = noise
+    else:  # pure noise scaled to sigma at t_max (1 for VP schedules)
+        x = noise if schedule.variance_preserving else noise * schedule.sigma(ts[:1]).item()
     denoiser = make_denoiser(model, schedule, prediction, cond, null_cond, guidance, guidance_space, times=ts[:-1])
     traj = [x.detach().cpu()] if return_trajectory else None
     kw = dict(final_denoise=final_denoise, progress=progress, trajectory=traj)
@@ -420,6 +554,8 @@ def sample(model, noise: torch.Tensor, schedule, *, sampler: str = "ddim", steps
             x = sample_ddim(denoiser, x, ts, schedule, eta=eta, generator=generator, **kw)
         elif sampler == "euler":
             x = sample_euler(denoiser, x, ts, schedule, **kw)
+        elif sampler == "heun":
+            x = sample_heun(denoiser, x, ts, schedule, **kw)
         else:
             x = sample_dpmpp(denoiser, x, ts, schedule, order=int(sampler[-2]), **kw)
     return (x, traj) if return_trajectory else x
@@ -443,7 +579,8 @@ def _sampler_eta(sampler: str, eta: float | None) -> float:
 @torch.no_grad()
 def generate(model, schedule, *, prediction: str, cond=None, n: int | None = None, steps: int = 50,
              sampler: str = "ddim", guidance: float = 1.0, null_cond=None, seed: int = 0, clamp: bool = True,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, x_start: torch.Tensor | None = None,
+             t_start: float | None = None) -> torch.Tensor:
     """Samples of a trained denoiser from fresh noise seeded by ``seed``: what the trainer's sample
     grids, the pipelines and the evaluator all draw with.
 
@@ -458,19 +595,30 @@ def generate(model, schedule, *, prediction: str, cond=None, n: int | None = Non
             (``model.null_condition(cond)``: the null class, or the zero vector for text).
         seed: the noise and any sampler randomness come from one generator seeded with it.
         clamp: clip the result to [-1, 1] (pixels); pass False for latents.
+        x_start, t_start: start from this x_t [B, C, H, W] at time t_start instead of fresh noise
+            (``sample``'s ``t_start``: SDEdit, an inversion's output); ``seed`` then drives only the
+            sampler's own randomness. Give both or neither.
     Returns:
         x [B, C, H, W] on the model's device.
     """
     device = next(model.parameters()).device
     if cond is None and n is None:
         raise ValueError("generate needs cond (one condition per sample) or n (how many unconditional samples)")
+    if (x_start is None) != (t_start is None):
+        raise ValueError(f"give x_start and t_start together (got x_start {'set' if x_start is not None else None}, "
+                         f"t_start={t_start})")
     n = len(cond) if cond is not None else n
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, model.in_chans, model.img_size, model.img_size, generator=g).to(device)
+    if x_start is not None:
+        if x_start.shape[0] != n:
+            raise ValueError(f"x_start holds {x_start.shape[0]} images but there are {n} conditions")
+        noise = x_start.to(device)
+    else:
+        noise = torch.randn(n, model.in_chans, model.img_size, model.img_size, generator=g).to(device)
     if cond is not None:
         cond = cond.to(device)
         if null_cond is None and guidance != 1.0:
             null_cond = model.null_condition(cond)
     x = sample(model, noise, schedule, sampler=sampler, steps=steps, prediction=prediction, cond=cond,
-               null_cond=null_cond, guidance=guidance, generator=g, progress=progress)
+               null_cond=null_cond, guidance=guidance, generator=g, progress=progress, t_start=t_start)
     return x.clamp(-1, 1) if clamp else x

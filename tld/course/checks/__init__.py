@@ -19,6 +19,12 @@ from .l07_samplers import check_ddim_step, check_dpm_solver_2m_step
 from .l08_guidance import check_guidance
 from .l09_clip_text import check_clip_loss, check_eos_pool, check_retrieval_accuracy
 from .l10_latent_diffusion import check_latent_scale, check_psnr, check_vae_kl, check_vae_sample
+from .l14_guidance_editing import (
+    check_classifier_guided,
+    check_fixed_point_inversion_step,
+    check_round_trip_error,
+)
+from .l15_flow_matching import check_heun_step, check_midpoint_step, check_path_straightness
 
 CHECKERS = {
     "add_noise": check_add_noise,
@@ -45,6 +51,13 @@ CHECKERS = {
     "vae_kl": check_vae_kl,
     "latent_scale": check_latent_scale,
     "psnr": check_psnr,
+    # lessons 14, 15: graded hints (hint=2 for code)
+    "classifier_guided": check_classifier_guided,
+    "fixed_point_inversion_step": check_fixed_point_inversion_step,
+    "round_trip_error": check_round_trip_error,
+    "heun_step": check_heun_step,
+    "midpoint_step": check_midpoint_step,
+    "path_straightness": check_path_straightness,
 }
 
 __all__ = [
@@ -53,4 +66,6 @@ __all__ = [
     "check_gate", "check_guidance", "check_latent_scale", "check_log_snr", "check_lr_at", "check_modulate",
     "check_patchify", "check_psnr", "check_retrieval_accuracy", "check_sincos_2d", "check_skip_fusion",
     "check_split_heads", "check_timestep_embedding", "check_unpatchify", "check_vae_kl", "check_vae_sample",
+    "check_classifier_guided", "check_fixed_point_inversion_step", "check_round_trip_error", "check_heun_step",
+    "check_midpoint_step", "check_path_straightness",
 ]
