@@ -142,7 +142,7 @@ WRONG = {
     "guidance": (lambda c, u, w: c + w * (c - u), "w - 1"),
     "ema_update": (_swapped_ema, "decay weighs the old average"),
     "lr_at": (lambda s, lr, w, n, r: lr * s / w if s < w else
-              lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - w) / max(1, n - w))))), "step + 1"),
+              lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - w) / max(1, n - w))))), "current step"),
     "cfg_training_loss": (_loss_without_dropout, "null class"),
     "clip_loss": (lambda text, image, scale: torch.nn.functional.cross_entropy(
         scale.exp().clamp(max=100) * text @ image.T, torch.arange(len(text))), "symmetric"),
@@ -150,7 +150,7 @@ WRONG = {
     "eos_pool": (lambda tokens, mask: tokens[:, -1], "padding"),
     "vae_sample": (lambda mean, logvar, eps: mean + logvar.exp() * eps, "exp(0.5 * logvar)"),
     "vae_kl": (lambda mean, logvar: (mean ** 2 + logvar.exp() - 1 - logvar).sum([1, 2, 3]), "1/2"),
-    "latent_scale": (lambda z: z.std(), "1 / z.std()"),
+    "latent_scale": (lambda z: z.std(), "reciprocal"),
     "psnr": (lambda a, b: 10 * math.log10(1 / (a - b).pow(2).mean().item()), "range is 2"),
 }
 
@@ -220,3 +220,127 @@ def test_runner_passes_preset_only_where_defined_and_tabulates_failures(tmp_path
     out = capsys.readouterr().out
     assert "| lesson | seconds | passed |" in out and "| notebooks/02_b.ipynb |" in out and "NO" in out
     assert json.loads((tmp_path / "build/course.json").read_text())[0]["preset"] == "smoke"
+
+
+# --------------------------------------------------------------------------- graded hints
+
+def _solution_lines(path: Path) -> dict:
+    """{function name: the code lines of its solution blocks} of a solution notebook."""
+    found: dict = {}
+    for c in nbformat.read(path, as_version=4).cells:
+        if c.cell_type != "code":
+            continue
+        lines, inside, name = c.source.split("\n"), False, None
+        for i, line in enumerate(lines):
+            if line.strip().startswith(course.BEGIN):
+                inside = True
+                indent = len(line) - len(line.lstrip())
+                name = next((m.group(2) for m in (re.match(r"(\s*)def (\w+)", ln) for ln in reversed(lines[:i]))
+                             if m and len(m.group(1)) < indent), None)
+            elif line.strip().startswith(course.END):
+                inside = False
+            elif inside:
+                found.setdefault(name, []).append(line)
+    return found
+
+
+MIN_ANSWER_CHARS = 8    # shorter answer fragments ("return x", "h = 0.5") say nothing on their own
+MIN_SHAPE_CHARS = 14    # the same line with its names abstracted (x.reshape(B, N, ...) vs x.reshape(b, n, ...))
+_NAME = re.compile(r"(?<![.\w])[A-Za-z_]\w*")
+
+
+def _shape(text: str) -> str:
+    """Code with every variable name (not an attribute) replaced by N and whitespace removed."""
+    return re.sub(r"\s+", "", _NAME.sub("N", text))
+
+
+def _answer_fragments(lines) -> set:
+    """Each non-trivial solution line, whitespace removed, less its comment and its `return` / `name =`:
+    as written (case-folded), and with its names abstracted (so renamed variables still count)."""
+    out = set()
+    for line in lines:
+        code = line.split("#")[0].strip()
+        code = re.sub(r"^return\b", "", code).strip()
+        code = re.sub(r"^[\w, \[\]()]+=(?!=)", "", code).strip()  # the assignment's target
+        if re.fullmatch(r"[\w.]*", code):  # a bare name or attribute is not an answer
+            continue
+        literal = re.sub(r"\s+", "", code).lower()
+        if len(literal) >= MIN_ANSWER_CHARS:
+            out.add(("literal", literal))
+        shape = _shape(code)
+        if len(shape) >= MIN_SHAPE_CHARS:
+            out.add(("shape", shape))
+    return out
+
+
+def _leaks(out: str, answers) -> list:
+    literal, shape = re.sub(r"\s+", "", out).lower(), _shape(out)
+    return [a for kind, a in answers if a in (literal if kind == "literal" else shape)]
+
+
+def _task_answers() -> dict:
+    answers = {}
+    for p in SOLUTIONS:
+        blocks = _solution_lines(p)
+        src = "\n".join(c.source for c in nbformat.read(p, as_version=4).cells if c.cell_type == "code")
+        for task, fn in re.findall(r"^check_(\w+)\((\w+)\)", src, re.M):
+            answers[task] = _answer_fragments(blocks.get(fn, []))
+    return answers
+
+
+ANSWERS = _task_answers()
+
+
+def _off_by_a_bit(solution):
+    """A wrong answer for any task: the solution's result scaled and shifted (in place for a module)."""
+    def wrong(*args, **kwargs):
+        out = solution(*args, **kwargs)
+        if out is None:  # an in-place task (the EMA): nudge the module it wrote
+            with torch.no_grad():
+                for p in next(a for a in args if isinstance(a, torch.nn.Module)).parameters():
+                    p.mul_(1.1).add_(0.1)
+            return None
+        return out * 1.1 + 0.1
+    return wrong
+
+
+def _failure_output(check, fn, capsys, **kw) -> str:
+    with pytest.raises(CheckError) as info:
+        check(fn, **kw)
+    return str(info.value) + "\n" + capsys.readouterr().out
+
+
+def test_every_task_has_answer_lines_to_hide():
+    assert set(ANSWERS) == set(CHECKERS)
+    assert all(ANSWERS[t] for t in CHECKERS), [t for t in CHECKERS if not ANSWERS[t]]
+
+
+@pytest.mark.parametrize("task", sorted(CHECKERS))
+def test_no_hint_prints_a_line_of_the_solution(task, capsys, monkeypatch):
+    """On the stub and on a plausible wrong answer, first failure, asked-for hints and repeated failures."""
+    monkeypatch.setattr(course.checks.common, "FAILURES", {})
+    check, wrong = CHECKERS[task], WRONG[task][0]
+    outputs = [_failure_output(check, STUBS[task], capsys), _failure_output(check, wrong, capsys),
+               _failure_output(check, wrong, capsys, hint=2)]
+    outputs += [_failure_output(check, wrong, capsys) for _ in range(course.checks.common.CODE_HINTS_AFTER)]
+    outputs += [_failure_output(check, _off_by_a_bit(SOLVED[task]), capsys, hint=h) for h in (1, 2)]
+    first, asked, repeated = outputs[1], outputs[2], outputs[-1]
+    for out in outputs:
+        leaked = _leaks(out, ANSWERS[task])
+        assert not leaked, f"check_{task} prints a line of the solution: {leaked}\n{out}"
+    assert "code hint:" not in first, f"a first failure gives concepts only:\n{first}"
+    if "code hint:" in asked:
+        assert "hint=2" in first, "a first failure says how to ask for the code-level hint"
+        assert "code hint:" in repeated, f"after {course.checks.common.CODE_HINTS_AFTER} failures the code hint shows"
+
+
+def test_a_pass_resets_the_failure_count_and_hint_levels_are_checked(monkeypatch):
+    monkeypatch.setattr(course.checks.common, "FAILURES", {})
+    for _ in range(2):
+        with pytest.raises(CheckError):
+            course.check_add_noise(WRONG["add_noise"][0])
+    assert course.checks.common.FAILURES["add_noise"] == 2
+    course.check_add_noise(SOLVED["add_noise"])
+    assert course.checks.common.FAILURES["add_noise"] == 0
+    with pytest.raises(ValueError, match="hint=3"):
+        course.check_add_noise(SOLVED["add_noise"], hint=3)

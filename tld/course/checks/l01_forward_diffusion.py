@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from ...diffusion import add_noise, get_schedule
-from .common import _call, _close, _compare, _gen, _ok
+from .common import checker, _call, _close, _compare, _gen, _ok
 
 
+@checker("add_noise")
 def check_add_noise(fn) -> None:
     """``fn(x0, eps, t, schedule) -> x_t`` with x0, eps [B, C, H, W], t [B]: alpha_t x0 + sigma_t eps."""
     g = _gen(1)
@@ -27,14 +28,16 @@ def check_add_noise(fn) -> None:
                 return "alpha_t multiplies the image x0 and sigma_t the noise eps, not the other way round"
             if _close(got, (1 - t).view(-1, 1, 1, 1) * x0 + t.view(-1, 1, 1, 1) * eps):
                 return "that is the rectified schedule; ask the schedule: schedule.alpha(t), schedule.sigma(t)"
-            return ("t has one value per image: reshape alpha_t, sigma_t from [B] to [B, 1, 1, 1] "
-                    "so they broadcast over C, H, W")
+            return ("t has one value per image: alpha_t and sigma_t, of shape [B], must scale every number of "
+                    "their own image, so they have to broadcast over C, H, W",
+                    "give them the shape [B, 1, 1, 1] (.view or [:, None, None, None]) before multiplying")
 
         got = _call("add_noise", fn, case, x0, eps, t, schedule)
         worst = max(worst, _compare("add_noise", got, add_noise(x0, eps, t, schedule), case, hint=hint))
     _ok("add_noise", len(cases), "tld.diffusion.add_noise", worst)
 
 
+@checker("log_snr")
 def check_log_snr(fn) -> None:
     """``fn(t, schedule) -> lambda_t = log(alpha_t^2 / sigma_t^2)`` on a tensor of times."""
     worst = 0.0
@@ -53,7 +56,9 @@ def check_log_snr(fn) -> None:
                 return "that is the SNR itself; take its log"
             if _close(got, -exp):
                 return "sign: the SNR is alpha^2 / sigma^2 (signal over noise), falling with t"
-            return "lambda_t = log(alpha_t^2) - log(sigma_t^2), with alpha_t, sigma_t from the schedule"
+            return ("the log-SNR is the log of (signal / noise) squared: 0 where alpha_t = sigma_t, falling with t",
+                    "take torch.log of schedule.alpha(t) and of schedule.sigma(t) separately and combine the logs; "
+                    "mind the square")
 
         got = _call("log_snr", fn, case, t, schedule)
         worst = max(worst, _compare("log_snr", got, expected, case, atol=1e-6, rtol=1e-6, hint=hint))

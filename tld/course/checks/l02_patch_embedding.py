@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from ...patch import patchify, sincos_2d, unpatchify
-from .common import _call, _close, _compare, _gen, _ok
+from .common import checker, _call, _close, _compare, _gen, _ok
 
 
 def _same_values_per_token(got: torch.Tensor, exp: torch.Tensor) -> bool:
     return got.shape == exp.shape and torch.allclose(got.sort(-1).values, exp.sort(-1).values)
 
 
+@checker("patchify")
 def check_patchify(fn) -> None:
     """``fn(x, patch_size) -> tokens``: [B, C, H, W] -> [B, (H/p)(W/p), p*p*C], layout (p, p, C)."""
     g = _gen(2)
@@ -34,6 +35,7 @@ def check_patchify(fn) -> None:
     _ok("patchify", len(cases), "tld.patch.patchify", worst)
 
 
+@checker("unpatchify")
 def check_unpatchify(fn) -> None:
     """``fn(tokens, patch_size, channels) -> images``: the inverse of patchify on a square grid."""
     g = _gen(3)
@@ -55,6 +57,7 @@ def check_unpatchify(fn) -> None:
     _ok("unpatchify", len(cases), "tld.patch.unpatchify (and it inverts patchify)", worst)
 
 
+@checker("sincos_2d")
 def check_sincos_2d(fn) -> None:
     """``fn(dim, grid) -> [grid*grid, dim]``: fixed 2-D sin-cos position embedding (MAE / DiT)."""
     cases = [(8, 2), (16, 4), (64, 8)]
@@ -70,8 +73,10 @@ def check_sincos_2d(fn) -> None:
             swap = torch.cat([exp[:, q:h], exp[:, :q], exp[:, h + q:], exp[:, h:h + q]], 1)
             if _close(got, swap):
                 return "in each half put the sines first, then the cosines: [sin, cos]"
-            return ("per axis: omega_i = 1 / 10000^(i / (D/4)) for i < D/4, then [sin(pos * omega), "
-                    "cos(pos * omega)]; tokens run row-major like patchify")
+            return ("each half of the channels embeds one axis with D/4 frequencies, geometric from 1 down "
+                    "toward 1/10000; tokens run row-major like patchify",
+                    "per axis: omega has D/4 entries, 10000 ** (-arange(D/4) / (D/4)); outer product with the "
+                    "positions 0..grid-1; concatenate sin and cos")
 
         got = _call("sincos_2d", fn, case, dim, grid)
         worst = max(worst, _compare("sincos_2d", got, sincos_2d(dim, grid), case, atol=1e-5, rtol=1e-5, hint=hint))

@@ -7,9 +7,10 @@ import math
 import torch
 
 from ...blocks import Attention, attention
-from .common import _call, _close, _compare, _gen, _ok
+from .common import checker, _call, _close, _compare, _gen, _ok
 
 
+@checker("attention")
 def check_attention(fn) -> None:
     """``fn(q, k, v) -> softmax(q k^T / sqrt(d)) v`` on [B, H, N, d] (keys may differ in number: M)."""
     g = _gen(4)
@@ -36,6 +37,7 @@ def check_attention(fn) -> None:
     _ok("attention", len(cases), "tld.blocks.attention (and F.scaled_dot_product_attention)", worst)
 
 
+@checker("split_heads")
 def check_split_heads(fn) -> None:
     """``fn(x, num_heads) -> [B, H, N, D/H]``: cut the channels of tokens [B, N, D] into H heads."""
     g = _gen(11)
@@ -55,7 +57,10 @@ def check_split_heads(fn) -> None:
             if _close(got, q_tokens.reshape(b, h, n, d // h)):
                 return ("a reshape straight to [B, H, N, d] mixes tokens across heads: reshape to "
                         "[B, N, H, d] first, then transpose(1, 2)")
-            return "x.reshape(B, N, H, D // H).transpose(1, 2): each head gets a contiguous slice of channels"
+            return ("each head gets a contiguous slice of D/H channels of every token: head h holds channels "
+                    "h*D/H .. (h+1)*D/H - 1",
+                    "split the channel axis into two axes (heads, channels per head) first, then move the heads "
+                    "axis in front of the tokens")
 
         got = _call("split_heads", fn, case, q_tokens, h)
         worst = max(worst, _compare("split_heads", got, q_lib, case, atol=1e-6, rtol=1e-6, hint=hint))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from ...blocks import Block, timestep_embedding
-from .common import _call, _close, _compare, _gen, _ok
+from .common import checker, _call, _close, _compare, _gen, _ok
 
 
+@checker("skip_fusion")
 def check_skip_fusion(fn) -> None:
     """``fn(x_deep, x_shallow, linear) -> tokens``: U-ViT's fusion Linear(concat([deep, shallow]))."""
     g = _gen(5)
@@ -40,12 +41,14 @@ def check_skip_fusion(fn) -> None:
                     return "that is the additive skip; U-ViT concatenates along channels and applies `linear`"
                 if torch.is_tensor(fused) and fused.shape[-1] == 2 * x.shape[-1]:
                     return "after concatenating, apply `linear` to bring 2D channels back to D"
-            return "concatenate along the channel dimension (dim=-1), then apply `linear`"
+            return ("the fusion sees both token sets side by side in the channels (2D of them) and maps them back "
+                    "to D", "torch.cat along dim=-1, then call `linear`")
 
         worst = max(worst, _compare("skip_fusion", got, expected, case, atol=1e-5, rtol=1e-4, hint=hint))
     _ok("skip_fusion", len(dims), "tld.blocks.Block(skip='concat')", worst)
 
 
+@checker("timestep_embedding")
 def check_timestep_embedding(fn) -> None:
     """``fn(t, dim) -> [B, dim]``: U-ViT's time token, the raw sinusoid of 1000 t, order [cos, sin]."""
     cases = [(torch.tensor([0.0, 0.25, 0.999]), 16), (torch.tensor([0.5]), 64), (torch.tensor([0.1, 0.9]), 8)]
@@ -59,8 +62,9 @@ def check_timestep_embedding(fn) -> None:
                 return "order: cosines first, then sines, [cos, sin] (the guided-diffusion / U-ViT order)"
             if _close(got, timestep_embedding(t, dim, scale=1.0)):
                 return "tld's t is in [0, 1]; embed the reference's integer step 1000 * t"
-            return ("freqs_i = exp(-log(10000) * i / (dim/2)) for i < dim/2; "
-                    "args = 1000 * t[:, None] * freqs[None]; then [cos(args), sin(args)]")
+            return ("dim/2 frequencies, geometric from 1 down toward 1/10000, times the integer step 1000 t; "
+                    "cosines first, then sines",
+                    "an outer product of the times [B] with the frequencies [dim/2] gives the angles [B, dim/2]")
 
         got = _call("timestep_embedding", fn, case, t, dim)
         worst = max(worst, _compare("timestep_embedding", got, timestep_embedding(t, dim), case, atol=1e-4,

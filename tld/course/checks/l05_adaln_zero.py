@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from ...blocks import AdaLNZeroBlock, modulate
-from .common import _call, _close, _compare, _gen, _ok
+from .common import checker, _call, _close, _compare, _gen, _ok
 
 
+@checker("modulate")
 def check_modulate(fn) -> None:
     """``fn(x, shift, scale) -> x * (1 + scale) + shift`` with x [B, N, D], shift/scale [B, D]."""
     g = _gen(6)
@@ -23,7 +24,8 @@ def check_modulate(fn) -> None:
                 return "use (1 + scale): a zero scale must leave x unchanged, so zero-init starts as a plain LayerNorm"
             if _close(got, (x + shift[:, None]) * (1 + scale[:, None])):
                 return "scale first, then shift: x * (1 + scale) + shift"
-            return "shift and scale are one vector per sample: unsqueeze(1) so they broadcast over the N tokens"
+            return ("shift and scale are one vector per sample [B, D]; x is [B, N, D]: they must apply to every "
+                    "token", "insert a token axis: shift[:, None] has shape [B, 1, D]")
 
         got = _call("modulate", fn, case, x, shift, scale)
         worst = max(worst, _compare("modulate", got, formula, case, hint=hint))
@@ -31,6 +33,7 @@ def check_modulate(fn) -> None:
     _ok("modulate", len(cases), "x * (1 + scale) + shift and tld.blocks.modulate", worst)
 
 
+@checker("gate")
 def check_gate(fn) -> None:
     """``fn(x, gate, branch) -> x + gate * branch`` with x, branch [B, N, D] and gate [B, D].
 
@@ -61,7 +64,8 @@ def check_gate(fn) -> None:
                 return "keep the residual: x + gate * branch (a zero gate must give back x: the identity)"
             if _close(h, x + branch):
                 return "multiply the branch by the gate before adding it"
-            return "gate is one vector per sample: gate.unsqueeze(1) broadcasts it over the N tokens"
+            return ("gate is one vector per sample [B, D]; branch is [B, N, D]: it must apply to every token",
+                    "insert a token axis: gate[:, None] has shape [B, 1, D]")
 
         worst = max(worst, _compare("gate", got, expected, case, atol=1e-5, rtol=1e-4, hint=hint))
     _ok("gate", len(cases), "x + gate * branch inside tld.blocks.AdaLNZeroBlock", worst)

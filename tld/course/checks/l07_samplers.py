@@ -8,7 +8,7 @@ import torch
 
 from ...diffusion import get_schedule
 from ...samplers import ddim_step, dpm_solver_pp_step
-from .common import _call, _close, _compare, _gen, _ok
+from .common import checker, _call, _close, _compare, _gen, _ok
 
 
 def _grid_case(name: str, ts):
@@ -18,6 +18,7 @@ def _grid_case(name: str, ts):
     return s.alpha(t).tolist(), s.sigma(t).tolist(), (0.5 * s.log_snr(t)).tolist()
 
 
+@checker("ddim_step")
 def check_ddim_step(fn) -> None:
     """``fn(x_t, eps_pred, alpha_t, sigma_t, alpha_s, sigma_s) -> x_s``: one deterministic DDIM step t -> s."""
     g = _gen(8)
@@ -32,8 +33,12 @@ def check_ddim_step(fn) -> None:
 
         def hint(got, exp, x=x, eps=eps, a_s=a_s, s_s=s_s):
             if _close(got, a_s * x + s_s * eps):
-                return "first predict the clean image: x0_pred = (x_t - sigma_t * eps_pred) / alpha_t"
-            return "x_s = alpha_s * x0_pred + sigma_s * eps_pred (Song et al. 2021, eq. 12 with sigma = 0)"
+                return ("that moves x_t itself to time s; first predict the clean image x0_pred from x_t and "
+                        "eps_pred (solve x_t = alpha_t x0 + sigma_t eps for x0)")
+            return ("DDIM keeps the predicted noise and re-noises the predicted clean image to the level of s "
+                    "(Song et al. 2021, eq. 12 with sigma = 0): at s = t it must give back x_t",
+                    "two lines: x0_pred from (x_t, eps_pred, alpha_t, sigma_t); then combine x0_pred and eps_pred "
+                    "with the s-side coefficients")
 
         got = _call("ddim_step", fn, case, x, eps, a_t, s_t, a_s, s_s)
         expected = ddim_step(x, x0, eps, a_s, s_s)
@@ -41,6 +46,7 @@ def check_ddim_step(fn) -> None:
     _ok("ddim_step", len(cases), "tld.samplers.ddim_step", worst)
 
 
+@checker("dpm_solver_2m_step")
 def check_dpm_solver_2m_step(fn) -> None:
     """``fn(x_t, x0_pred, x0_prev, lambda_prev, lambda_t, lambda_s, alpha_s, sigma_s, sigma_t) -> x_s``.
 
@@ -70,7 +76,9 @@ def check_dpm_solver_2m_step(fn) -> None:
                 return "r is the previous step over this one: r = h_prev / h = (lambda_t - lambda_prev) / h"
             if _close(got, (s_s / s_t) * x + a_s * math.expm1(-h) * ((1 + 1 / (2 * r)) * m0 - m1 / (2 * r))):
                 return "sign: alpha_s * (1 - e^{-h}) * D, i.e. minus alpha_s * expm1(-h) * D"
-            return "x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^{-h}) D; lambda here is log(alpha/sigma)"
+            return ("the update is (sigma_s / sigma_t) x_t plus alpha_s (1 - e^-h) times the extrapolated D; "
+                    "lambda here is log(alpha / sigma), half the log-SNR",
+                    "compute h, then r, then D, then x_s; math.expm1(-h) is e^-h - 1 without cancellation")
 
         got = _call("dpm_solver_2m_step", fn, case, x, m0, m1, l_p, l_t, l_s, a_s, s_s, s_t)
         worst = max(worst, _compare("dpm_solver_2m_step", got, formula, case, atol=1e-8, rtol=1e-8, hint=hint))

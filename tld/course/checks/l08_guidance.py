@@ -6,9 +6,10 @@ import torch
 
 from ...diffusion import get_schedule
 from ...samplers import make_denoiser
-from .common import _call, _close, _compare, _gen, _ok
+from .common import checker, _call, _close, _compare, _gen, _ok
 
 
+@checker("guidance")
 def check_guidance(fn) -> None:
     """``fn(out_cond, out_uncond, w) -> out_uncond + w * (out_cond - out_uncond)`` (Ho & Salimans 2022)."""
     g = _gen(10)
@@ -35,7 +36,8 @@ def check_guidance(fn) -> None:
                         "conditional output: uncond + w * (cond - uncond)")
             if _close(got, out_u + w * (out_u - out_c)):
                 return "the direction points from the unconditional to the conditional output: cond - uncond"
-            return "out_uncond + w * (out_cond - out_uncond): w = 0 gives uncond, w = 1 gives cond"
+            return ("guidance extrapolates from the unconditional output along the direction to the conditional "
+                    "one: w = 0 must give uncond, w = 1 must give cond")
 
         got = _call("guidance", fn, case, out_c, out_u, w)
         # the library's guided denoiser, in eps space: its eps prediction is the guided output

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from ...text import TinyCLIP, clip_loss, retrieval_accuracy, shapes_captions, train_bpe_tokenizer
-from .common import _call, _close, _compare, _gen, _ok, _scalar
+from .common import checker, _call, _close, _compare, _gen, _ok, _scalar
 
 
+@checker("clip_loss")
 def check_clip_loss(fn) -> None:
     """``fn(text, image, logit_scale) -> loss``: CLIP's symmetric cross-entropy over the [B, B] similarities."""
     g = _gen(14)
@@ -34,8 +35,9 @@ def check_clip_loss(fn) -> None:
                 return "clamp the temperature at 100 as CLIP does: logit_scale.exp().clamp(max=100)"
             if _close(got, both(sim), 1e-9):
                 return "scale the cosine similarities by the temperature logit_scale.exp() before the softmax"
-            return ("logits = logit_scale.exp().clamp(max=100) * text @ image.T; the right answer of row i is column i; "
-                    "(cross_entropy(logits, i) + cross_entropy(logits.T, i)) / 2")
+            return ("the logits are the [B, B] cosine similarities times the clamped temperature; row i's right "
+                    "answer is column i, and the loss averages both directions",
+                    "F.cross_entropy with targets torch.arange(B), once on the logits and once on their transpose")
 
         got = _call("clip_loss", fn, case, text, image, scale)
         worst = max(worst, _compare("clip_loss", got, clip_loss(text, image, scale), case, atol=1e-9, rtol=1e-9,
@@ -64,6 +66,7 @@ class _ToyCLIP:
         return sim
 
 
+@checker("retrieval_accuracy")
 def check_retrieval_accuracy(fn) -> None:
     """``fn(sim, captions) -> float``: caption -> image retrieval accuracy from a [n, n] similarity matrix.
 
@@ -90,13 +93,16 @@ def check_retrieval_accuracy(fn) -> None:
             right = [captions[j] == captions[i] for i, j in enumerate(sim.argmax(0).tolist())]
             if _close(got, torch.tensor(sum(right) / n, dtype=torch.float64), 1e-9):
                 return "each row is a caption: pick the best image with sim.argmax(dim=1)"
-            return "pick = sim.argmax(1); accuracy = mean over i of [captions[pick[i]] == captions[i]]"
+            return ("each caption (row) picks its most similar image; a pick is right when that image's caption is "
+                    "the query's; the accuracy is the fraction of right picks",
+                    "argmax over the images axis, compare caption strings, average the booleans as floats")
 
         got = _scalar("retrieval_accuracy", _call("retrieval_accuracy", fn, case, sim.clone(), list(captions)), case)
         worst = max(worst, _compare("retrieval_accuracy", got, expected, case, atol=1e-9, rtol=0, hint=hint))
     _ok("retrieval_accuracy", len(cases), "tld.text.retrieval_accuracy", worst)
 
 
+@checker("eos_pool")
 def check_eos_pool(fn) -> None:
     """``fn(tokens, mask) -> [B, width]``: the state of each prompt's last real token ([EOS]), CLIP's pooling."""
     tokenizer = train_bpe_tokenizer(shapes_captions(seed=0, n=300), vocab_size=128, context_length=16)
@@ -127,7 +133,10 @@ def check_eos_pool(fn) -> None:
                 return "off by one: the last real token sits at index mask.sum(1) - 1 (positions count from 0)"
             if _close(got, tokens[:, 0], 1e-6):
                 return "position 0 is [BOS], the same token opening every prompt; take the last real token"
-            return "last = mask.sum(1) - 1; pooled = tokens[torch.arange(B), last]"
+            return ("CLIP pools the state of each prompt's last real token ([EOS]); prompts have different lengths, "
+                    "and the mask says which slots are real",
+                    "the index of the last real token comes from the mask's row sums; pick one row per prompt with "
+                    "advanced indexing (a range of B with those indices)")
 
         got = _call("eos_pool", fn, case, tokens.clone(), mask.clone())
         worst = max(worst, _compare("eos_pool", got, expected, case, atol=1e-6, rtol=1e-6, hint=hint))
