@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...diffusion import add_noise, get_schedule
-from .common import checker, _call, _close, _compare, _gen, _ok
+from .common import _call, _close, _compare, _gen, _ok, checker
 
 
 @checker("add_noise")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...patch import patchify, sincos_2d, unpatchify
-from .common import checker, _call, _close, _compare, _gen, _ok
+from .common import _call, _close, _compare, _gen, _ok, checker
 
 
 def _same_values_per_token(got: torch.Tensor, exp: torch.Tensor) -> bool:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ...blocks import Attention, attention
-from .common import checker, _call, _close, _compare, _gen, _ok
+from .common import _call, _close, _compare, _gen, _ok, checker
 
 
 @checker("attention")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...blocks import Block, timestep_embedding
-from .common import checker, _call, _close, _compare, _gen, _ok
+from .common import _call, _close, _compare, _gen, _ok, checker
 
 
 @checker("skip_fusion")

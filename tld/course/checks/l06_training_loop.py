@@ -11,7 +11,7 @@ from torch import nn
 from ... import diffusion
 from ...models import create
 from ...optim import ema_update, lr_at
-from .common import checker, CheckError, _call, _close, _compare, _flat, _gen, _ok, _scalar
+from .common import _call, _close, _compare, _flat, _gen, _ok, _scalar, checker
 
 
 @checker("ema_update")

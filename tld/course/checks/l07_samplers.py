@@ -8,7 +8,7 @@ import torch
 
 from ...diffusion import get_schedule
 from ...samplers import ddim_step, dpm_solver_pp_step
-from .common import checker, _call, _close, _compare, _gen, _ok
+from .common import _call, _close, _compare, _gen, _ok, checker
 
 
 def _grid_case(name: str, ts):

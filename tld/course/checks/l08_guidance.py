@@ -6,7 +6,7 @@ import torch
 
 from ...diffusion import get_schedule
 from ...samplers import make_denoiser
-from .common import checker, _call, _close, _compare, _gen, _ok
+from .common import _call, _close, _compare, _gen, _ok, checker
 
 
 @checker("guidance")

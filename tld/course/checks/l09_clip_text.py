@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ...text import TinyCLIP, clip_loss, retrieval_accuracy, shapes_captions, train_bpe_tokenizer
-from .common import checker, _call, _close, _compare, _gen, _ok, _scalar
+from .common import _call, _close, _compare, _gen, _ok, _scalar, checker
 
 
 @checker("clip_loss")

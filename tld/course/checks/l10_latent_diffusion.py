@@ -8,7 +8,7 @@ import torch
 
 from ...autoencoder import latent_scale, psnr, tiny_vae_config
 from ...data import ShapesDataset
-from .common import checker, _call, _close, _compare, _gen, _ok, _scalar
+from .common import _call, _close, _compare, _gen, _ok, _scalar, checker
 
 
 def _posterior(shape, g, lo=-4.0, hi=1.0):
