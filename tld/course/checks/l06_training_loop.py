@@ -11,7 +11,7 @@ from torch import nn
 from ... import diffusion
 from ...models import create
 from ...optim import ema_update, lr_at
-from .common import _call, _close, _compare, _flat, _gen, _ok, _scalar, checker
+from .common import CheckError, _call, _close, _compare, _fail, _flat, _gen, _ok, _scalar, checker
 
 
 @checker("ema_update")
@@ -164,3 +164,82 @@ def check_cfg_training_loss(fn) -> None:
 
         worst = max(worst, _compare("cfg_training_loss", got, expected, case, atol=1e-5, rtol=1e-5, hint=hint))
     _ok("cfg_training_loss", len(cases), "tld.diffusion.loss on tld.train's step (v target, null class)", worst)
+
+
+def _model_with_grads(seed: int, scale: float):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+        for p in model.parameters():
+            p.grad = scale * torch.randn_like(p)
+    return model
+
+
+@checker("clip_grad_norm")
+def check_clip_grad_norm(fn) -> None:
+    """``fn(model, max_norm) -> total_norm``: in place, scale every gradient by min(1, max_norm / (norm + 1e-6)),
+    where norm is the L2 norm of all gradients together; return that norm (``torch.nn.utils.clip_grad_norm_``)."""
+    cases = [(0.01, 1.0), (1.0, 0.5), (3.0, 100.0)]
+    worst = 0.0
+    for i, (scale, max_norm) in enumerate(cases):
+        model, expected_model = _model_with_grads(30 + i, scale), _model_with_grads(30 + i, scale)
+        expected_norm = torch.nn.utils.clip_grad_norm_(expected_model.parameters(), max_norm)
+        before = torch.cat([p.grad.flatten() for p in model.parameters()])
+        case = (f"gradients of a Linear-LayerNorm-Linear with total norm {expected_norm.item():.4g}, max_norm {max_norm}"
+                + (" (no clipping needed)" if expected_norm <= max_norm else ""))
+        got_norm = _scalar("clip_grad_norm", _call("clip_grad_norm", fn, case, model, max_norm), case)
+
+        def norm_hint(got, exp, before=before, i=i, scale=scale):
+            if _close(got, before.pow(2).sum().double(), 1e-6):
+                return "the norm is the square root of the sum of squares"
+            per = torch.stack([p.grad.norm() for p in _model_with_grads(30 + i, scale).parameters()])
+            if _close(got, per.sum().double(), 1e-6) or _close(got, per.max().double(), 1e-6):
+                return "one norm over all the gradients together, as if they were one long vector"
+            return "return the total norm measured before clipping"
+
+        worst = max(worst, _compare("clip_grad_norm", got_norm, expected_norm.double(), case, atol=1e-6, rtol=1e-5,
+                                    hint=norm_hint))
+        got = torch.cat([p.grad.flatten() for p in model.parameters()])
+        want = torch.cat([p.grad.flatten() for p in expected_model.parameters()])
+
+        def grad_hint(got, exp, before=before, max_norm=max_norm):
+            if _close(got, before, 1e-7):
+                return "scale the gradients in place (p.grad), not a copy"
+            if _close(got, before * max_norm / before.norm(), 1e-6):
+                return "only shrink: when the norm is already below max_norm the gradients stay as they are"
+            return ("every gradient is multiplied by the same factor, so the direction of the update is kept",
+                    "factor = max_norm / (total_norm + 1e-6), capped at 1; p.grad.mul_(factor)")
+
+        worst = max(worst, _compare("clip_grad_norm", got, want, case + " (the gradients after)", atol=1e-6, rtol=1e-5,
+                                    hint=grad_hint))
+    _ok("clip_grad_norm", len(cases), "torch.nn.utils.clip_grad_norm_", worst)
+
+
+EMA_HALF_LIFE = (650, 750)   # decay 0.999: ln 2 / -ln 0.999 = 692.8 steps
+
+
+@checker("ema_half_life")
+def check_ema_half_life(fn) -> None:
+    """``fn(decay) -> int``: the fewest EMA updates after which the starting weights count for at most half of
+    the average (measure it: an EMA of a one-number model that starts at 1 while the model stays at 0)."""
+    found = {}
+    for decay in (0.5, 0.9, 0.99, 0.999):
+        case = f"decay {decay}"
+        expected = torch.tensor(float(math.ceil(math.log(0.5) / math.log(decay) - 1e-12)), dtype=torch.float64)
+
+        def hint(got, exp, decay=decay):
+            if _close(got, exp - 1, 1e-9):
+                return "the fewest steps at which the share is <= 1/2: count the step that crosses it"
+            if _close(got, torch.tensor(1 / (1 - decay)), 1e-6):
+                return "1 / (1 - decay) is the EMA's mean age, not its half-life"
+            return ("after n updates the starting weights have share decay^n: find the first n with share <= 1/2",
+                    "loop calling ema_update on a 1-number model and count, or solve decay^n = 1/2 and round up")
+
+        got = _scalar("ema_half_life", _call("ema_half_life", fn, case, decay), case)
+        _compare("ema_half_life", got, expected, case, atol=0, rtol=0, hint=hint)
+        found[decay] = int(got.item())
+    if not EMA_HALF_LIFE[0] <= found[0.999] <= EMA_HALF_LIFE[1]:
+        raise CheckError(f"check_ema_half_life: {found[0.999]} outside {EMA_HALF_LIFE}")
+    _ok("ema_half_life", len(found), "decay^n <= 1/2", 0.0)
+    print(f"  answer: half-lives {found}: decay 0.999 forgets half its start after {found[0.999]} steps, so a "
+          f"1000-step run's EMA still remembers its initial noise")
