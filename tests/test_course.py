@@ -287,7 +287,7 @@ WRONG = {
                    .permute(0, 3, 1, 4, 2, 5).reshape(tok.shape[0], c, math.isqrt(tok.shape[1]) * p, -1), "wrong places"),
     "sincos_2d": (_wrong_sincos, "swapped"),
     "attention": (lambda q, k, v: (q @ k.transpose(-2, -1)).softmax(-1) @ v, "sqrt(d)"),
-    "split_heads": (lambda x, h: x.reshape(x.shape[0], h, x.shape[1], x.shape[2] // h), "transpose"),
+    "split_heads": (lambda x, h: x.reshape(x.shape[0], h, x.shape[1], x.shape[2] // h), "every token"),
     "skip_fusion": (lambda deep, shallow, linear: linear(torch.cat([shallow, deep], -1)), "deep first"),
     "timestep_embedding": (lambda t, dim: torch.cat([torch.sin(a := (1000 * t)[:, None] * torch.exp(
         -math.log(10000) * torch.arange(dim // 2) / (dim // 2))[None]), torch.cos(a)], -1), "[cos, sin]"),
@@ -384,7 +384,7 @@ def test_checker_fails_on_a_plausible_mistake_with_what_differs_and_a_hint(task)
 
 
 def test_checker_reports_a_wrong_shape_and_a_crash_readably():
-    with pytest.raises(CheckError, match=r"wrong shape: got \(2, 3, 8, 8\), expected \(2, 16, 12\)"):
+    with pytest.raises(CheckError, match=r"wrong shape: got \(1, 3, 4, 4\), expected \(1, 16, 3\)"):
         course.check_patchify(lambda x, p: x)
     with pytest.raises(CheckError, match="raised ZeroDivisionError: division by zero"):
         course.check_modulate(lambda x, shift, scale: 1 / 0)

@@ -8,10 +8,14 @@ its code cells the lines between ``# BEGIN SOLUTION`` and ``# END SOLUTION`` bec
 ``raise NotImplementedError(...)``; in markdown cells the lines between ``<!-- BEGIN SOLUTION -->``
 and ``<!-- END SOLUTION -->`` are dropped. Outputs are cleared.
 
+Each lesson's tasks come in three tiers: *reproduce* what the lesson built, *extend* it with what
+it did not write, *investigate* a measured question (the checker asserts the answer's range).
 A learner checks a function with ``check_<task>(fn)`` (``tld.course.checks``, one module per
-lesson): it runs real cases against ``tld`` and, when something differs, raises ``CheckError``
-(an ``AssertionError``) saying what: the shape, the largest error and where it is, and a hint for
-the usual mistakes. ``tld.course.run`` executes every notebook with papermill; ``tld.course.cli``
+lesson): it runs real cases against ``tld``, smallest first, and when something differs raises
+``CheckError`` (an ``AssertionError``) saying what in concepts: the shape, the largest error and
+where it is, the property violated or the usual mistake recognised. Code-level hints come with
+``check_<task>(fn, hint=2)`` or after ``CODE_HINTS_AFTER`` failures in a row; no hint prints the
+answer. ``tld.course.run`` executes every notebook with papermill; ``tld.course.cli``
 is the command line.
 """
 

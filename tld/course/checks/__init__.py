@@ -2,8 +2,10 @@
 
 A learner checks a function with ``check_<task>(fn)``: it runs real cases against ``tld`` and,
 when something differs, raises ``CheckError`` (an ``AssertionError``) saying what: the shape, the
-largest error and where it is, and a hint for the usual mistakes. ``CHECKERS`` maps each task
-(the name without ``check_``) to its checker.
+largest error and where it is, and a concept-level hint for the usual mistakes; ``hint=2`` (or a
+third failure in a row) adds a code-level hint (``common``). An *investigate* checker also asserts
+the measured answer's range and prints it. ``CHECKERS`` maps each task (the name without
+``check_``) to its checker.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from .common import CheckError, _call, _close, _compare, _gen, _ok, _scalar, che
 def check_modulate(fn) -> None:
     """``fn(x, shift, scale) -> x * (1 + scale) + shift`` with x [B, N, D], shift/scale [B, D]."""
     g = _gen(6)
-    cases = [(2, 5, 8), (3, 4, 6), (1, 7, 16)]  # N != B, so a missing unsqueeze shows
+    cases = [(3, 4, 6), (2, 5, 8), (1, 7, 16)]  # smallest first; N != B, so a missing unsqueeze shows
     worst = 0.0
     for b, n, d in cases:
         x, shift, scale = torch.randn(b, n, d, generator=g), torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
