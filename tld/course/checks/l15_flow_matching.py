@@ -58,7 +58,8 @@ def check_heun_step(fn, hint: int = 1) -> None:
             if _close(got, x - 0.5 * dt * (u1 + u2)):
                 return ("sign of the step: the times go down (s < t), so the step is (s - t) times the slope", None)
             return ("x_s = x + (s - t) * (slope at (x, t) + slope at (the Euler prediction, s)) / 2",
-                    "u1 = velocity(x, t); x_e = x + (s - t) * u1; then the slope at (x_e, s), and average")
+                    "call velocity once at (x, t), take an Euler step to s with that slope, call it again at the "
+                    "Euler point and s, then step from x with the mean of the two slopes")
 
         got = _call(task, fn, case, velocity, x, t, s)
         worst = max(worst, _compare(task, got, expected, case, hint, diagnose, atol=1e-8, rtol=1e-8))
