@@ -276,6 +276,29 @@ def test_a_text_run_trains_on_prepared_pooled_embeddings_without_its_encoders(da
     assert not (tmp_path / "run/text_encoder").exists()           # the folder's embeddings, no encoder trained
 
 
+def t2i(tmp_path, folder, *args):
+    """The uvit-t2i recipe (77 CLIP tokens as U-ViT's context) at toy size on a prepared folder."""
+    return T.config_from_args(["preset=uvit-t2i", f"data_root={folder}", f"out_dir={tmp_path / 'run'}", "image_size=16",
+                               "batch_size=4", "max_steps=2", "warmup_steps=0", "mixed_precision=no", "model.embed_dim=32",
+                               "model.depth=2", "model.num_heads=2", "sample_steps=2", "progress=false", *args])
+
+
+def test_uvit_t2i_trains_on_a_prepared_folders_clip_token_sequence(data, tmp_path):
+    out = run_prepare(data["captions"], tmp_path / "t", "size=16", f"text_encoder={data['clip']}", "projection=false",
+                      "text=tokens")
+    cfg = t2i(tmp_path, out)
+    assert cfg.dataset == "prepared" and cfg.text_tokens
+    ds = T.build_dataset(cfg)
+    assert ds[0]["text"].shape == (77, 32) and ds[0]["mask"].dtype == torch.bool
+    assert T.train(cfg)["steps"] == 2
+    kw = json.loads((tmp_path / "run/config.json").read_text())["model_kwargs"]
+    assert (kw["text_len"], kw["text_dim"], kw["in_chans"]) == (77, 32, 3)   # the 77 tokens, CLIP's width
+    pooled = run_prepare(data["captions"], tmp_path / "p", "size=16", f"text_encoder={data['clip']}", "projection=false")
+    with pytest.raises(ValueError, match="text_tokens=true needs 'tokens'.*has \\['pooled'\\].*use text_tokens=false"
+                                         ".*text=both"):
+        T.build_dataset(t2i(tmp_path, pooled))
+
+
 def test_a_run_of_the_wrong_kind_names_what_the_folder_holds(data, tmp_path):
     text = run_prepare(data["captions"], tmp_path / "t", "size=16", f"text_encoder={data['clip']}", "projection=false")
     classes = run_prepare(data["classes"], tmp_path / "c", "size=16")

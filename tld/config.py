@@ -151,8 +151,8 @@ PRESETS.update({
     # captions dropped; sampled with DPM-Solver 50 steps at guidance w = 2 (U-ViT's scale 1 is w - 1).
     # Differences: our vp-linear betas (1e-4..0.02), not SD's scaled-linear (0.00085..0.012)^2, and the
     # latent scale is whatever the prepared latents carry (U-ViT's COCO features use 0.23010).
-    "uvit-t2i": dict(model="uvit-s/2", model_overrides={"depth": 16}, dataset="tensors",
-                     data_root="data/mscoco256-latents/train.safetensors", image_size=32, conditioning="text",
+    "uvit-t2i": dict(model="uvit-s/2", model_overrides={"depth": 16}, dataset="prepared",
+                     data_root="data/mscoco256-sdvae-clip", image_size=32, conditioning="text",
                      text_tokens=True, class_dropout=0.1, schedule="vp-linear", prediction="eps",
                      batch_size=256, lr=2e-4, weight_decay=0.03, beta1=0.9, beta2=0.9, warmup_steps=5000,
                      lr_schedule="constant", ema_decay=0.9999, max_steps=1_000_000, mixed_precision="bf16",

@@ -670,8 +670,13 @@ def open_prepared(folder, conditioning: str, image_size: int, text: str = "poole
                          f"use conditioning=text{' (it has text embeddings)' if m['text'] else ''} or "
                          f"conditioning=none, or prepare a class-subfolder source")
     if conditioning == "text" and text not in m["text"]:
-        raise ValueError(f"conditioning=text needs {text!r} text embeddings, but the prepared folder {where!r} "
-                         f"has {m['text'] or 'none'} {made}; prepare it with text_encoder=... text={text}, or use "
+        other = "pooled" if text == "tokens" else "tokens"
+        switch = {"pooled": "text_tokens=false (the pooled vector as one token)",
+                  "tokens": "text_tokens=true (a U-ViT reading the token sequence)"}[other]
+        instead = f"use {switch}, or " if other in m["text"] else ""
+        raise ValueError(f"conditioning=text{' text_tokens=true' if text == 'tokens' else ''} needs {text!r} text "
+                         f"embeddings, but the prepared folder {where!r} has {m['text'] or 'none'} {made}; {instead}"
+                         f"prepare it with text_encoder=... text={text if other not in m['text'] else 'both'}, or use "
                          f"conditioning={'class' if m['labels'] else 'none'}")
     shape = m["latent_shape"]
     if shape[-1] != image_size or shape[-2] != image_size:

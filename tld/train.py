@@ -82,7 +82,8 @@ def build_dataset(cfg: TrainConfig):
     if cfg.dataset == "tensors":
         return TensorFileDataset(cfg.data_root, cfg.image_size, cfg.conditioning)
     if cfg.dataset == "prepared":  # python -m tld.prepare's shards, streamed row by row
-        return open_prepared(cfg.data_root, cfg.conditioning, cfg.image_size)
+        return open_prepared(cfg.data_root, cfg.conditioning, cfg.image_size,
+                             text="tokens" if cfg.text_tokens else "pooled")
     folder = CaptionedImageFolder(cfg.data_root, size=cfg.image_size)
     if cfg.conditioning == "class":  # classes from the caption file's label column, never silently none
         if min(folder.labels) < 0:
