@@ -327,6 +327,46 @@ def test_a_folder_without_labels_under_class_conditioning_is_an_error_that_names
     assert T.build_dataset(smoke(tmp_path, "dataset=folder", f"data_root={labelled}", "image_size=16")).num_classes == 3
 
 
+# --------------------------------------------------------------------------- a prepared folder as the FID reference
+
+def test_a_prepared_folder_is_a_fid_reference_pixels_as_stored_latents_decoded_by_its_codec(data, tmp_path):
+    from tld.autoencoder import DiffusersVAE
+    from tld.evaluate import score_npz
+
+    pixels = run_prepare(data["classes"], tmp_path / "px", "size=16")          # float16 pixels: exact as uint8
+    batches, count, _ = P.iter_prepared_images(pixels, batch=5)
+    got = np.concatenate(list(batches()))
+    a, m = arrays(pixels)
+    src = P.open_source(P.PrepareConfig(source=str(data["classes"])))
+    want = np.stack([P.adm_center_crop(src.open(i), 16) for i in a["items"]])
+    assert count == 13 and got.dtype == np.uint8 and np.array_equal(got, want)
+    # FID / KID against the folder = against an .npz of the same images
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "ref.npz", arr_0=want)
+    by_folder = score_npz(tmp_path / "samples.npz", pixels, "classifier", kid_subsets=5)
+    by_npz = score_npz(tmp_path / "samples.npz", tmp_path / "ref.npz", "classifier", kid_subsets=5)
+    assert by_folder["fid"] == pytest.approx(by_npz["fid"], rel=1e-6) and by_folder["kid"] == pytest.approx(by_npz["kid"])
+    assert by_folder["n_reference"] == 13 and "a prepared folder: 13 images, 16 px, pixels" in by_folder["reference"]
+    assert score_npz(tmp_path / "samples.npz", pixels, "classifier", kid_subsets=5, ref_n=4)["n_reference"] == 4
+    np.savez(tmp_path / "s8.npz", arr_0=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="prepared folder of 16 px images, the samples are 8 px"):
+        score_npz(tmp_path / "s8.npz", pixels, "classifier")
+    # latents: decoded by the manifest's codec, one view per item of a flip=true folder
+    vae = shutil.copytree(data["vae"], tmp_path / "vae")
+    latents = run_prepare(data["classes"], tmp_path / "z", "size=16", f"codec={vae}", "scale=0.5", "flip=true")
+    batches, count, what = P.iter_prepared_images(latents, batch=4)
+    got = np.concatenate(list(batches()))
+    z = torch.from_numpy(arrays(latents)[0]["latents"][0::2]).float()
+    with torch.no_grad():
+        x = DiffusersVAE(str(vae), scale=0.5).decode(z)
+    want = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert count == 13 and np.abs(got.astype(int) - want.astype(int)).max() <= 1 and "decoded" in what
+    shutil.rmtree(vae)                                                  # the codec moved: say so, by name
+    with pytest.raises(FileNotFoundError, match="codec .*vae.* cannot be loaded here"):
+        score_npz(tmp_path / "samples.npz", latents, "classifier")
+
+
 def test_the_command_line_reports_errors_without_a_traceback(tmp_path, capsys):
     assert P.main(["source=/nowhere", f"out={tmp_path}"]) == 2
     assert "is not a folder" in capsys.readouterr().err

@@ -59,6 +59,7 @@ from .judge import (
     train_shapes_classifier,
 )
 from .pipeline import TextToImage
+from .prepare import iter_prepared_images, manifest_codec
 from .runs import load_model
 from .samplers import SAMPLERS, generate, sample
 from .viz import show
@@ -81,12 +82,12 @@ __all__ = [
 EVAL_KEYS = {  # key: (default, type); None default = required
     "checkpoint": (None, str), "n": (None, int), "steps": (20, int), "guidance": (3.0, float),
     "sampler": ("dpm++2m", str), "seed": (0, int), "out": ("", str), "features": ("", str),
-    "batch_size": (64, int), "progress": (True, bool), "ref": ("", str), "codec": ("", str),
+    "batch_size": (64, int), "progress": (True, bool), "ref": ("", str), "codec": ("", str), "ref_n": (0, int),
 }
 EVAL_USAGE = ("python -m tld.evaluate checkpoint=PATH n=N [steps=20] [guidance=3] [sampler=dpm++2m] [seed=0] "
               "[out=DIR] [features=classifier] [batch_size=64] [progress=true]\n"
               "       [accelerate launch -m] python -m tld.evaluate checkpoint=PATH n=50000 out=samples.npz "
-              "[ref=REF.npz|FOLDER] [features=inception] [codec=FOLDER] ...\n"
+              "[ref=REF.npz|FOLDER|PREPARED] [ref_n=0] [features=inception] [codec=FOLDER] ...\n"
               "       python -m tld.evaluate train-classifier [--out DIR] [--steps N] [--seed S]")
 
 
@@ -117,6 +118,8 @@ def eval_config_from_args(args: list[str]) -> dict:
     if cfg["sampler"] not in SAMPLERS:
         raise ValueError(f"unknown sampler {cfg['sampler']!r}; valid samplers: {', '.join(SAMPLERS)}")
     protocol = cfg["out"].endswith(".npz")
+    if cfg["ref_n"] < 0:
+        raise ValueError(f"ref_n must be >= 0 (0: every reference image), got {cfg['ref_n']}")
     if cfg["ref"] and not protocol:
         raise ValueError(f"ref={cfg['ref']!r} scores an ADM-format samples file: pass out=<samples>.npz too")
     if not cfg["features"]:   # the published protocol's, or the shapes report's offline default
@@ -391,7 +394,15 @@ def _load_generator(checkpoint, codec: str, device):
     model = load_model(path, device=device)
     tc = model.train_config
     dec = load_codec(codec, device).decode if codec else (lambda x: x)
-    if not codec and model.in_chans != 3:
+    if not codec and model.in_chans != 3 and tc.get("dataset") == "prepared":
+        # trained on a prepared folder: its manifest names the codec that made the latents
+        made = Path(tc["data_root"]) / "manifest.json"
+        if not made.is_file():
+            raise FileNotFoundError(f"{str(path)!r} makes {model.in_chans}-channel latents of the prepared folder "
+                                    f"{tc['data_root']!r}, which is not here to name their codec; pass codec=<its "
+                                    f"codec folder>")
+        dec = manifest_codec(io.read_json(made), device).decode
+    elif not codec and model.in_chans != 3:
         raise ValueError(f"{str(path)!r} makes {model.in_chans}-channel latents; pass codec=<the codec folder that "
                          "made them> (a saved DiffusersVAE, e.g. the SD VAE) so its samples can be decoded to images")
     return "class" if model.num_classes else "none", model, dec, \
@@ -559,8 +570,11 @@ def _center_crop_resize(image, size: int) -> np.ndarray:
     return arr[top:top + size, left:left + size]
 
 
-def _reference(ref, size: int, batch: int):
-    """(image batches uint8 NHWC or None, (mu, sigma) or None, description) of a reference."""
+def _reference(ref, size: int, batch: int, ref_n: int = 0, device="cpu"):
+    """(image batches uint8 NHWC or None, (mu, sigma) or None, description) of a reference.
+
+    A prepared folder (tld.prepare) gives its images: pixels as stored, latents decoded by the codec its
+    manifest records; one view per item; ``ref_n`` > 0 takes that many items spread over the folder."""
     ref = Path(ref)
     if ref.suffix == ".npz" and ref.is_file():
         keys = npz_keys(ref)
@@ -575,11 +589,13 @@ def _reference(ref, size: int, batch: int):
         n = keys["arr_0"][0] if "arr_0" in keys else 0
         return images, stats, f"{ref.name} ({n} images{', mu/sigma' if stats else ''})"
     if ref.is_dir():
-        if (ref / "manifest.json").is_file():
-            # hook: a tld.prepare folder holds encoded shards (latents or pixels); its images for a reference
-            # come through the module that wrote it, which this branch does not have yet
-            raise NotImplementedError(f"{ref} is a prepared folder (manifest.json); as a FID reference, pass its "
-                                      "source images' folder or an .npz of images (arr_0) for now")
+        if (ref / "manifest.json").is_file():   # a prepared folder: its images, decoded if they are latents
+            have = io.read_json(ref / "manifest.json").get("image_size")
+            if have != size:
+                raise ValueError(f"reference {ref} is a prepared folder of {have} px images, the samples are {size} "
+                                 f"px; FID compares images of one size (prepare the reference with size={size})")
+            images, count, what = iter_prepared_images(ref, batch, ref_n, device)
+            return images, None, f"{ref} (a prepared folder: {count} images, {what})"
         files = sorted(p for p in ref.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"reference folder {ref} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -595,7 +611,7 @@ def _reference(ref, size: int, batch: int):
                 yield np.stack(out)
         return images, None, f"{ref} ({len(files)} images, center-cropped to {size} px)"
     raise FileNotFoundError(f"reference {str(ref)!r} does not exist; pass ADM's reference batch (.npz with arr_0 "
-                            "and/or mu, sigma), an .npz of images, or a folder of images")
+                            "and/or mu, sigma), an .npz of images, a folder of images, or a prepared folder (python -m tld.prepare)")
 
 
 def _features_of_batches(batches, features: str, classifier, batch_size: int, device) -> torch.Tensor:
@@ -607,7 +623,7 @@ def _features_of_batches(batches, features: str, classifier, batch_size: int, de
 
 
 def score_npz(samples, ref, features: str = "inception", classifier=None, batch_size: int = 250, device="cpu",
-              kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE) -> dict:
+              kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE, ref_n: int = 0) -> dict:
     """FID and KID of an ADM-format samples .npz against a reference, in the named feature space.
 
     FID uses the reference's own mu / sigma when it has them and the features are Inception's (ADM's
@@ -620,7 +636,7 @@ def score_npz(samples, ref, features: str = "inception", classifier=None, batch_
     shape = npz_keys(samples).get("arr_0")
     if shape is None or len(shape) != 4 or shape[-1] != 3:
         raise ValueError(f"{samples} is not an ADM samples file: expected 'arr_0' uint8 [N, H, W, 3], got {shape}")
-    images, stats, described = _reference(ref, shape[1], batch_size)
+    images, stats, described = _reference(ref, shape[1], batch_size, ref_n, device)
     f_gen = _features_of_batches(iter_npz(samples, "arr_0", batch_size), features, clf, batch_size, device)
     f_ref = _features_of_batches(images(), features, clf, batch_size, device) if images else None
     use_file_stats = stats is not None and (features == "inception" or f_ref is None)
@@ -639,7 +655,7 @@ def score_npz(samples, ref, features: str = "inception", classifier=None, batch_
 
 def evaluate_protocol(checkpoint, n: int, out, ref: str = "", features: str = "inception", steps: int = 20,
                       guidance: float = 3.0, sampler: str = "dpm++2m", seed: int = 0, batch_size: int = 64,
-                      codec: str = "", progress: bool = False) -> dict | None:
+                      codec: str = "", progress: bool = False, ref_n: int = 0) -> dict | None:
     """``python -m tld.evaluate checkpoint=... n=50000 out=samples.npz ref=...``: sample (every process), then
     score on the main process; writes ``<out>.score.json``. Returns the scores (None on other processes)."""
     from accelerate import PartialState
@@ -652,7 +668,8 @@ def evaluate_protocol(checkpoint, n: int, out, ref: str = "", features: str = "i
     report = {"samples": str(out), "n": n, "checkpoint": str(checkpoint), "steps": steps, "guidance": guidance,
               "sampler": sampler, "seed": seed}
     if ref:
-        report.update(score_npz(out, ref, features, device=state.device if state.device.type == "cuda" else "cpu"))
+        report.update(score_npz(out, ref, features, device=state.device if state.device.type == "cuda" else "cpu",
+                                ref_n=ref_n))
         io.write_json(out.with_name(out.name + ".score.json"), report)
     return report
 
@@ -703,9 +720,9 @@ def main(argv=None) -> int:
             if report is not None:
                 print(format_protocol(report))
             return 0
-        ref, codec = cfg.pop("ref"), cfg.pop("codec")
-        if ref or codec:
-            raise ValueError("ref= and codec= go with out=<samples>.npz (the FID-50K protocol)")
+        ref, codec, ref_n = cfg.pop("ref"), cfg.pop("codec"), cfg.pop("ref_n")
+        if ref or codec or ref_n:
+            raise ValueError("ref=, ref_n= and codec= go with out=<samples>.npz (the FID-50K protocol)")
         report = evaluate_checkpoint(**cfg)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:   # speak to the learner, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -68,7 +68,7 @@ from .data import _IMAGE_SUFFIXES, CaptionedImageFolder
 from .text import CLIPText, load_text_encoder
 
 __all__ = ["PrepareConfig", "prepare", "adm_center_crop", "open_source", "PreparedDataset", "open_prepared",
-           "main"]
+           "manifest_codec", "manifest_text_encoder", "iter_prepared_images", "main"]
 
 FORMAT = "tld-prepared"
 VERSION = 1
@@ -323,6 +323,76 @@ def load_text_spec(cfg: PrepareConfig, device):
     return CLIPText(cfg.text_encoder, device=device, projection=cfg.projection, local_files_only=not cfg.online)
 
 
+def _spec_path(spec: str) -> str:
+    """An encoder as the manifest records it: a folder as its absolute path (loadable from any working
+    directory), a hub id as given."""
+    return str(Path(spec).resolve()) if Path(spec).is_dir() else spec
+
+
+def manifest_codec(manifest: dict, device="cpu"):
+    """The codec that made a prepared folder's latents, loaded from what its manifest records (None: the
+    folder holds pixels). FileNotFoundError naming it when it cannot be loaded here (a folder that moved, a
+    hub id not in the cache); ValueError when the weights found differ from those that encoded the folder."""
+    ident = manifest.get("codec")
+    if ident is None:
+        return None
+    spec = manifest.get("codec_path") or ident.get("name") or ""
+    try:
+        codec = load_codec_spec(PrepareConfig(codec=spec, scale=ident.get("scale", 0.18215)), device)
+    except (OSError, ValueError, ImportError) as e:
+        raise FileNotFoundError(f"the prepared folder's codec {spec!r} (its manifest.json's codec_path) cannot be "
+                                f"loaded here ({type(e).__name__}: {e}); put that folder back, or download the "
+                                f"model into the Hugging Face cache") from e
+    _same_weights(codec, ident, "codec", spec)
+    return codec
+
+
+def manifest_text_encoder(manifest: dict, device="cpu"):
+    """The text encoder that made a prepared folder's embeddings (None: it has none), as manifest_codec."""
+    ident = manifest.get("text_encoder")
+    if ident is None:
+        return None
+    spec = manifest.get("text_encoder_path") or ident.get("name") or ""
+    try:
+        enc = load_text_spec(PrepareConfig(text_encoder=spec, projection=ident.get("projection", True)), device)
+    except (OSError, ValueError, ImportError) as e:
+        raise FileNotFoundError(f"the prepared folder's text encoder {spec!r} (its manifest.json's "
+                                f"text_encoder_path) cannot be loaded here ({type(e).__name__}: {e})") from e
+    _same_weights(enc, ident, "text encoder", spec)
+    return enc
+
+
+def _same_weights(encoder, recorded: dict, what: str, spec: str) -> None:
+    found = encoder_identity(encoder).get("weights")
+    if recorded.get("weights") and found != recorded["weights"]:
+        raise ValueError(f"the {what} at {spec!r} is not the one that made this prepared folder: its weights digest "
+                         f"is {found[:16]}..., the manifest's {recorded['weights'][:16]}...")
+
+
+def iter_prepared_images(folder, batch: int = 250, n: int = 0, device="cpu"):
+    """A prepared folder's images as uint8 [B, S, S, 3] batches (ADM's .npz layout): pixels (codec=none) as
+    stored, latents decoded by the codec its manifest records. One view per source item (a flip=true
+    folder's mirrors are left out); ``n`` > 0 takes n items spread evenly over the folder (its order is the
+    source's, class by class for ImageNet). Returns (the batches' generator, the item count, a description)."""
+    ds = PreparedDataset(folder)
+    m = ds.manifest
+    codec = manifest_codec(m, device)
+    items = np.arange(0, m["count"], m["views"])
+    if n and n < len(items):
+        items = items[np.linspace(0, len(items) - 1, n).round().astype(np.int64)]
+    what = f"{m['codec_path'] or m['codec'].get('name')} decoded" if codec is not None else "pixels"
+
+    def batches():
+        for lo in range(0, len(items), batch):
+            z = torch.stack([ds[int(i)]["image"] for i in items[lo:lo + batch]])
+            if codec is not None:
+                with torch.no_grad():
+                    z = codec.decode(z.to(device)).float().cpu()
+            x = ((z.clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            yield x.permute(0, 2, 3, 1).contiguous().numpy()
+    return batches, len(items), f"{m['image_size']} px, {what}"
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -548,7 +618,8 @@ def write_manifest(out: Path, key: str, ident: dict, shards, source, codec, text
         "codec": ident["codec"], "text_encoder": ident["text_encoder"],
         "digests": {"codec": _digest(ident["codec"]) if codec is not None else None,
                     "text_encoder": _digest(ident["text_encoder"]) if text_encoder is not None else None},
-        "codec_path": cfg.codec if codec is not None else None,
+        "codec_path": _spec_path(cfg.codec) if codec is not None else None,
+        "text_encoder_path": _spec_path(cfg.text_encoder) if text_encoder is not None else None,
         "source": ident["source"], "settings": ident["settings"],
         "skipped": len(skipped), "skipped_examples": skipped[:100],
         "upscaled": sum(m["upscaled"] for m in metas), "shards": rows,
