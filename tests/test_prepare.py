@@ -400,10 +400,12 @@ def launch(module: str, *args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def two_process_run(data, tmp_path_factory):
-    """2 processes prepare a class folder through the tiny VAE, then 2 processes train a few steps on it.
+    """Issue 15's offline end to end, in 2 processes at each stage: prepare a class folder through the tiny VAE,
+    train a few steps on it, sample N images into ADM's .npz with tld.evaluate (decoded by the codec the folder's
+    manifest names), and score FID and KID (classifier features) against the prepared folder itself.
 
-    Returns {'one', 'two': the 1- and 2-process prepared folders, 'run': the training run folder}. (Issue 15's
-    sampling of N images across 2 processes and their FID against the prepared folder go on from here.)"""
+    Returns {'one', 'two': the 1- and 2-process prepared folders, 'run', 'run1': the 2- and 1-process training
+    runs, 'samples': the .npz}."""
     root = tmp_path_factory.mktemp("mp")
     args = ["size=16", f"codec={data['vae']}", "scale=0.5", "shard_size=3", "batch_size=2", "progress=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -415,7 +417,10 @@ def two_process_run(data, tmp_path_factory):
              "batch_size=4", "max_steps=3", "sample_steps=2", "log_every=1", "progress=false"]
     launch("tld.train", *train, f"out_dir={root / 'run'}")
     T.train(T.config_from_args([*train, f"out_dir={root / 'run1'}"]))   # the same run in one process
-    return {"one": root / "one", "two": root / "two", "run": root / "run", "run1": root / "run1"}
+    launch("tld.evaluate", f"checkpoint={root / 'run'}", "n=8", "steps=2", "batch_size=4", "sampler=ddim",
+           f"out={root / 'samples.npz'}", f"ref={root / 'two'}", "features=classifier", "progress=false")
+    return {"one": root / "one", "two": root / "two", "run": root / "run", "run1": root / "run1",
+            "samples": root / "samples.npz"}
 
 
 @pytest.mark.multiprocess
@@ -439,3 +444,17 @@ def test_two_processes_train_on_the_prepared_folder(two_process_run):
     one, two = load_file(str(two_process_run["run1"] / ckpt)), load_file(str(run / ckpt))
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_sample_into_adm_npz_and_score_fid_and_kid_against_the_prepared_folder(two_process_run):
+    samples = two_process_run["samples"]
+    made = json.loads(samples.with_name("samples.npz.json").read_text())
+    assert made["processes"] == 2 and made["kind"] == "class"
+    with np.load(samples) as z:
+        assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (8, 16, 16, 3)   # latents decoded to 16 px
+        assert z["arr_1"].tolist() == [i % 2 for i in range(8)]
+    score = json.loads(samples.with_name("samples.npz.score.json").read_text())
+    assert score["features"] == "classifier:shapes-classifier" and score["n_samples"] == 8
+    assert score["n_reference"] == 13 and "a prepared folder: 13 images" in score["reference"]
+    assert np.isfinite(score["fid"]) and score["fid"] > 0 and score["kid"] is not None
