@@ -293,10 +293,31 @@ def test_uvit_t2i_trains_on_a_prepared_folders_clip_token_sequence(data, tmp_pat
     assert T.train(cfg)["steps"] == 2
     kw = json.loads((tmp_path / "run/config.json").read_text())["model_kwargs"]
     assert (kw["text_len"], kw["text_dim"], kw["in_chans"]) == (77, 32, 3)   # the 77 tokens, CLIP's width
+    # the manifest names the CLIP that encoded the captions: the run ends with a token pipeline, as on shapes
+    from tld.pipeline import TextToImage
+
+    pipe = TextToImage.from_pretrained(tmp_path / "run/pipeline")
+    assert pipe.config["condition"] == "tokens"
+    cond, _ = pipe.condition(["a photo number 0"])
+    torch.testing.assert_close(cond[0], ds[0]["text"], atol=2e-3, rtol=2e-3)   # the same encoder as prepare's
+    assert pipe(["a photo number 3"], steps=2).shape == (1, 3, 16, 16)
     pooled = run_prepare(data["captions"], tmp_path / "p", "size=16", f"text_encoder={data['clip']}", "projection=false")
     with pytest.raises(ValueError, match="text_tokens=true needs 'tokens'.*has \\['pooled'\\].*use text_tokens=false"
                                          ".*text=both"):
         T.build_dataset(t2i(tmp_path, pooled))
+
+
+def test_a_text_run_says_why_it_saved_no_pipeline_when_its_encoder_is_gone(data, tmp_path):
+    clip = shutil.copytree(data["clip"], tmp_path / "clip")
+    out = run_prepare(data["captions"], tmp_path / "t", "size=16", f"text_encoder={clip}", "projection=false",
+                      f"codec={data['vae']}", "scale=0.5")
+    shutil.rmtree(clip)
+    summary = T.train(smoke(tmp_path, "dataset=prepared", f"data_root={out}", "conditioning=text", "image_size=4",
+                            "model.patch_size=1"))
+    assert summary["pipeline"].startswith("no pipeline saved: the prepared folder's text encoder")
+    assert "cannot be loaded here" in summary["pipeline"] and not (tmp_path / "run/pipeline").exists()
+    assert json.loads((tmp_path / "run/summary.json").read_text())["pipeline"] == summary["pipeline"]
+    assert (tmp_path / "run/samples/step_0000002.png").is_file()     # decoded by the codec, which is still here
 
 
 def test_a_run_of_the_wrong_kind_names_what_the_folder_holds(data, tmp_path):

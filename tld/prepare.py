@@ -68,7 +68,7 @@ from .data import _IMAGE_SUFFIXES, CaptionedImageFolder
 from .text import CLIPText, load_text_encoder
 
 __all__ = ["PrepareConfig", "prepare", "adm_center_crop", "open_source", "PreparedDataset", "open_prepared",
-           "manifest_codec", "manifest_text_encoder", "iter_prepared_images", "main"]
+           "manifest_codec", "manifest_text_encoder", "manifest_encoders", "iter_prepared_images", "main"]
 
 FORMAT = "tld-prepared"
 VERSION = 1
@@ -360,6 +360,21 @@ def manifest_text_encoder(manifest: dict, device="cpu"):
                                 f"text_encoder_path) cannot be loaded here ({type(e).__name__}: {e})") from e
     _same_weights(enc, ident, "text encoder", spec)
     return enc
+
+
+def manifest_encoders(manifest: dict, device="cpu") -> tuple:
+    """(text encoder, codec, why not) for a text run's pipeline on a prepared folder: the encoders its
+    manifest records, loaded (codec None for pixels), or (None, None or the codec, the reason in words)."""
+    if manifest.get("text_encoder") is None:
+        return None, None, "the prepared folder records no text encoder"
+    try:
+        return manifest_text_encoder(manifest, device), manifest_codec(manifest, device), ""
+    except (FileNotFoundError, ValueError) as e:
+        try:
+            codec = manifest_codec(manifest, device)   # still decodes the samples, if it is here
+        except (FileNotFoundError, ValueError):
+            codec = None
+        return None, codec, str(e)
 
 
 def _same_weights(encoder, recorded: dict, what: str, spec: str) -> None:
