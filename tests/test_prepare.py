@@ -301,6 +301,19 @@ def test_uvit_t2i_trains_on_a_prepared_folders_clip_token_sequence(data, tmp_pat
     cond, _ = pipe.condition(["a photo number 0"])
     torch.testing.assert_close(cond[0], ds[0]["text"], atol=2e-3, rtol=2e-3)   # the same encoder as prepare's
     assert pipe(["a photo number 3"], steps=2).shape == (1, 3, 16, 16)
+    # the FID protocol prompts it with the folder's own captions (image i: caption i mod C), as from a file
+    from tld.evaluate import sample_to_npz
+
+    captions = P.prepared_captions(out)
+    assert captions[:2] == ["a photo number 0", "a photo number 1"] and len(captions) == 8
+    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+    kw = dict(steps=2, guidance=2.0, sampler="ddim", batch_size=5)
+    by_folder = sample_to_npz(tmp_path / "run", 10, tmp_path / "a.npz", captions=str(out), **kw)
+    by_file = sample_to_npz(tmp_path / "run", 10, tmp_path / "b.npz", captions=str(tmp_path / "captions.txt"), **kw)
+    shapes = sample_to_npz(tmp_path / "run", 10, tmp_path / "c.npz", **kw)       # the held-out shapes captions
+    with np.load(by_folder) as a, np.load(by_file) as b, np.load(shapes) as c:
+        assert a["arr_0"].shape == (10, 16, 16, 3) and np.array_equal(a["arr_0"], b["arr_0"])
+        assert not np.array_equal(a["arr_0"], c["arr_0"])
     pooled = run_prepare(data["captions"], tmp_path / "p", "size=16", f"text_encoder={data['clip']}", "projection=false")
     with pytest.raises(ValueError, match="text_tokens=true needs 'tokens'.*has \\['pooled'\\].*use text_tokens=false"
                                          ".*text=both"):

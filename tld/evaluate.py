@@ -59,7 +59,7 @@ from .judge import (
     train_shapes_classifier,
 )
 from .pipeline import TextToImage
-from .prepare import iter_prepared_images, manifest_codec
+from .prepare import iter_prepared_images, manifest_codec, prepared_captions
 from .runs import load_model
 from .samplers import SAMPLERS, generate, sample
 from .viz import show
@@ -83,11 +83,12 @@ EVAL_KEYS = {  # key: (default, type); None default = required
     "checkpoint": (None, str), "n": (None, int), "steps": (20, int), "guidance": (3.0, float),
     "sampler": ("dpm++2m", str), "seed": (0, int), "out": ("", str), "features": ("", str),
     "batch_size": (64, int), "progress": (True, bool), "ref": ("", str), "codec": ("", str), "ref_n": (0, int),
+    "captions": ("", str),
 }
 EVAL_USAGE = ("python -m tld.evaluate checkpoint=PATH n=N [steps=20] [guidance=3] [sampler=dpm++2m] [seed=0] "
               "[out=DIR] [features=classifier] [batch_size=64] [progress=true]\n"
               "       [accelerate launch -m] python -m tld.evaluate checkpoint=PATH n=50000 out=samples.npz "
-              "[ref=REF.npz|FOLDER|PREPARED] [ref_n=0] [features=inception] [codec=FOLDER] ...\n"
+              "[ref=REF.npz|FOLDER|PREPARED] [ref_n=0] [features=inception] [codec=FOLDER] [captions=PREPARED|FILE.txt] ...\n"
               "       python -m tld.evaluate train-classifier [--out DIR] [--steps N] [--seed S]")
 
 
@@ -483,14 +484,17 @@ def npz_keys(path) -> dict:
 
 
 def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float = 3.0, sampler: str = "dpm++2m",
-                  seed: int = 0, batch_size: int = 64, codec: str = "", progress: bool = False) -> Path:
+                  seed: int = 0, batch_size: int = 64, codec: str = "", progress: bool = False,
+                  captions: str = "") -> Path:
     """Sample n images into ADM's .npz format (``arr_0`` uint8 [n, H, W, 3]; ``arr_1`` int64 labels for a
     class model), across every process of ``accelerate launch``.
 
     Global batch k holds images [k B, (k + 1) B) and process r samples the batches k = r, r + P, ...:
     image i starts from noise seeded by (seed, i), with label i mod num_classes (every class equally
     often), and batch k's sampler noise is seeded by (seed, k). So 1 and N processes write the same
-    file (for one batch_size). Each batch is saved to ``<out>.parts/`` as it is made, so a killed run
+    file (for one batch_size). A text pipeline's image i shows caption i mod C of ``captions`` (a captioned
+    prepared folder, e.g. the validation set that is also ``ref``, or a text file of one caption a line;
+    default: the held-out shapes captions). Each batch is saved to ``<out>.parts/`` as it is made, so a killed run
     resumes at the batches not yet written; the main process then streams them into ``out``.
     """
     from accelerate import PartialState
@@ -500,6 +504,8 @@ def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float =
     parts = out.with_name(out.name + ".parts")
     settings = {"checkpoint": str(checkpoint), "n": n, "steps": steps, "guidance": guidance, "sampler": sampler,
                 "seed": seed, "batch_size": batch_size, "codec": codec}
+    if captions:
+        settings["captions"] = captions
     done = out.with_name(out.name + ".json")
     if out.is_file() and done.is_file() and io.read_json(done).get("settings") == settings:
         return out   # made already, with these settings
@@ -514,7 +520,9 @@ def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float =
     device = state.device if state.device.type == "cuda" else torch.device("cpu")   # not "cpu:0": safetensors
     kind, gen, decode, cfg = _load_generator(checkpoint, codec, device)
     model = gen.denoiser if kind == "text" else gen
-    captions = held_out_captions(n) if kind == "text" else None
+    prompts = _protocol_captions(captions, n) if kind == "text" else None
+    if captions and kind != "text":
+        raise ValueError(f"captions={captions!r} is for a text-to-image pipeline; {str(checkpoint)!r} is a {kind} model")
     batches = list(range(-(-n // batch_size)))
     mine = batches[state.process_index::state.num_processes]
     todo = [k for k in mine if not (parts / f"images_{k:06d}.npy").is_file()]
@@ -526,7 +534,7 @@ def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float =
                                          generator=torch.Generator().manual_seed(_image_seed(seed, i))) for i in idx])
         labels, cond, null = None, None, None
         if kind == "text":
-            cond, null = gen.condition([captions[i] for i in idx])
+            cond, null = gen.condition([prompts[i] for i in idx])
         elif kind == "class":
             labels = torch.tensor([i % model.num_classes for i in idx])
             cond = labels.to(device)
@@ -553,6 +561,24 @@ def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float =
         shutil.rmtree(parts)
     state.wait_for_everyone()
     return out
+
+
+def _protocol_captions(spec: str, n: int) -> list[str]:
+    """n prompts: caption i mod C of a captioned prepared folder or a text file (one a line); the held-out
+    shapes captions without a spec."""
+    if not spec:
+        return held_out_captions(n)
+    p = Path(spec)
+    if (p / "manifest.json").is_file():
+        caps = prepared_captions(p)
+    elif p.is_file():
+        caps = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        raise FileNotFoundError(f"captions={spec!r} is neither a prepared folder (manifest.json) nor a text file "
+                                f"of one caption a line")
+    if not caps:
+        raise ValueError(f"captions={spec!r} holds no captions")
+    return [caps[i % len(caps)] for i in range(n)]
 
 
 def _center_crop_resize(image, size: int) -> np.ndarray:
@@ -655,13 +681,13 @@ def score_npz(samples, ref, features: str = "inception", classifier=None, batch_
 
 def evaluate_protocol(checkpoint, n: int, out, ref: str = "", features: str = "inception", steps: int = 20,
                       guidance: float = 3.0, sampler: str = "dpm++2m", seed: int = 0, batch_size: int = 64,
-                      codec: str = "", progress: bool = False, ref_n: int = 0) -> dict | None:
+                      codec: str = "", progress: bool = False, ref_n: int = 0, captions: str = "") -> dict | None:
     """``python -m tld.evaluate checkpoint=... n=50000 out=samples.npz ref=...``: sample (every process), then
     score on the main process; writes ``<out>.score.json``. Returns the scores (None on other processes)."""
     from accelerate import PartialState
 
     out = sample_to_npz(checkpoint, n, out, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
-                        batch_size=batch_size, codec=codec, progress=progress)
+                        batch_size=batch_size, codec=codec, progress=progress, captions=captions)
     state = PartialState(cpu=not torch.cuda.is_available())   # gloo on a CPU machine, as the trainer
     if not state.is_main_process:
         return None
@@ -720,9 +746,9 @@ def main(argv=None) -> int:
             if report is not None:
                 print(format_protocol(report))
             return 0
-        ref, codec, ref_n = cfg.pop("ref"), cfg.pop("codec"), cfg.pop("ref_n")
-        if ref or codec or ref_n:
-            raise ValueError("ref=, ref_n= and codec= go with out=<samples>.npz (the FID-50K protocol)")
+        ref, codec, ref_n, captions = cfg.pop("ref"), cfg.pop("codec"), cfg.pop("ref_n"), cfg.pop("captions")
+        if ref or codec or ref_n or captions:
+            raise ValueError("ref=, ref_n=, codec= and captions= go with out=<samples>.npz (the FID-50K protocol)")
         report = evaluate_checkpoint(**cfg)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:   # speak to the learner, no traceback
         print(f"error: {e}", file=sys.stderr)

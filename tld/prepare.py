@@ -68,7 +68,8 @@ from .data import _IMAGE_SUFFIXES, CaptionedImageFolder
 from .text import CLIPText, load_text_encoder
 
 __all__ = ["PrepareConfig", "prepare", "adm_center_crop", "open_source", "PreparedDataset", "open_prepared",
-           "manifest_codec", "manifest_text_encoder", "manifest_encoders", "iter_prepared_images", "main"]
+           "manifest_codec", "manifest_text_encoder", "manifest_encoders", "iter_prepared_images",
+           "prepared_captions", "main"]
 
 FORMAT = "tld-prepared"
 VERSION = 1
@@ -382,6 +383,17 @@ def _same_weights(encoder, recorded: dict, what: str, spec: str) -> None:
     if recorded.get("weights") and found != recorded["weights"]:
         raise ValueError(f"the {what} at {spec!r} is not the one that made this prepared folder: its weights digest "
                          f"is {found[:16]}..., the manifest's {recorded['weights'][:16]}...")
+
+
+def prepared_captions(folder) -> list[str]:
+    """A captioned prepared folder's captions, one per source item (in the source's order)."""
+    folder = Path(folder)
+    m = PreparedDataset(folder).manifest
+    if not m["captions"]:
+        raise ValueError(f"the prepared folder {str(folder)!r} has no captions (prepared from "
+                         f"{m['source']['kind']}); prepare a captioned source")
+    rows = [c for s in m["shards"] if s["rows"] for c in io.read_json(folder / "shards" / s["name"] / "captions.json")]
+    return rows[::m["views"]]
 
 
 def iter_prepared_images(folder, batch: int = 250, n: int = 0, device="cpu"):
