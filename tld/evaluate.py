@@ -4,9 +4,11 @@
     python -m tld.evaluate train-classifier     # rebuild tld/assets/shapes-classifier (~1 min)
 
     # FID-50K as the papers measure it: N samples in ADM's .npz format, made by every process, then
-    # FID and KID against ADM's reference batch (or any .npz of images, or an image folder)
+    # FID and KID against ADM's reference batch (or any .npz of images, an image folder, or a prepared
+    # folder; ref_n= of its images). A run on a prepared folder decodes its latents with the codec the
+    # folder's manifest names (else codec=<a saved codec folder>); captions= prompts a text pipeline.
     accelerate launch --multi_gpu --num_processes 8 -m tld.evaluate checkpoint=runs/dit-xl2-imagenet \
-        n=50000 out=samples.npz ref=VIRTUAL_imagenet256_labeled.npz codec=<SD VAE codec folder> \
+        n=50000 out=samples.npz ref=VIRTUAL_imagenet256_labeled.npz features=inception \
         sampler=ddpm steps=250 guidance=1.5 batch_size=125
 
 The scores come from `tld.judge` (the shapes classifier: color, shape, position adherence) and
