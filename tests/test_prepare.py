@@ -276,6 +276,63 @@ def test_a_text_run_trains_on_prepared_pooled_embeddings_without_its_encoders(da
     assert not (tmp_path / "run/text_encoder").exists()           # the folder's embeddings, no encoder trained
 
 
+def t2i(tmp_path, folder, *args):
+    """The uvit-t2i recipe (77 CLIP tokens as U-ViT's context) at toy size on a prepared folder."""
+    return T.config_from_args(["preset=uvit-t2i", f"data_root={folder}", f"out_dir={tmp_path / 'run'}", "image_size=16",
+                               "batch_size=4", "max_steps=2", "warmup_steps=0", "mixed_precision=no", "model.embed_dim=32",
+                               "model.depth=2", "model.num_heads=2", "sample_steps=2", "progress=false", *args])
+
+
+def test_uvit_t2i_trains_on_a_prepared_folders_clip_token_sequence(data, tmp_path):
+    out = run_prepare(data["captions"], tmp_path / "t", "size=16", f"text_encoder={data['clip']}", "projection=false",
+                      "text=tokens")
+    cfg = t2i(tmp_path, out)
+    assert cfg.dataset == "prepared" and cfg.text_tokens
+    ds = T.build_dataset(cfg)
+    assert ds[0]["text"].shape == (77, 32) and ds[0]["mask"].dtype == torch.bool
+    assert T.train(cfg)["steps"] == 2
+    kw = json.loads((tmp_path / "run/config.json").read_text())["model_kwargs"]
+    assert (kw["text_len"], kw["text_dim"], kw["in_chans"]) == (77, 32, 3)   # the 77 tokens, CLIP's width
+    # the manifest names the CLIP that encoded the captions: the run ends with a token pipeline, as on shapes
+    from tld.pipeline import TextToImage
+
+    pipe = TextToImage.from_pretrained(tmp_path / "run/pipeline")
+    assert pipe.config["condition"] == "tokens"
+    cond, _ = pipe.condition(["a photo number 0"])
+    torch.testing.assert_close(cond[0], ds[0]["text"], atol=2e-3, rtol=2e-3)   # the same encoder as prepare's
+    assert pipe(["a photo number 3"], steps=2).shape == (1, 3, 16, 16)
+    # the FID protocol prompts it with the folder's own captions (image i: caption i mod C), as from a file
+    from tld.evaluate import sample_to_npz
+
+    captions = P.prepared_captions(out)
+    assert captions[:2] == ["a photo number 0", "a photo number 1"] and len(captions) == 8
+    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+    kw = dict(steps=2, guidance=2.0, sampler="ddim", batch_size=5)
+    by_folder = sample_to_npz(tmp_path / "run", 10, tmp_path / "a.npz", captions=str(out), **kw)
+    by_file = sample_to_npz(tmp_path / "run", 10, tmp_path / "b.npz", captions=str(tmp_path / "captions.txt"), **kw)
+    shapes = sample_to_npz(tmp_path / "run", 10, tmp_path / "c.npz", **kw)       # the held-out shapes captions
+    with np.load(by_folder) as a, np.load(by_file) as b, np.load(shapes) as c:
+        assert a["arr_0"].shape == (10, 16, 16, 3) and np.array_equal(a["arr_0"], b["arr_0"])
+        assert not np.array_equal(a["arr_0"], c["arr_0"])
+    pooled = run_prepare(data["captions"], tmp_path / "p", "size=16", f"text_encoder={data['clip']}", "projection=false")
+    with pytest.raises(ValueError, match="text_tokens=true needs 'tokens'.*has \\['pooled'\\].*use text_tokens=false"
+                                         ".*text=both"):
+        T.build_dataset(t2i(tmp_path, pooled))
+
+
+def test_a_text_run_says_why_it_saved_no_pipeline_when_its_encoder_is_gone(data, tmp_path):
+    clip = shutil.copytree(data["clip"], tmp_path / "clip")
+    out = run_prepare(data["captions"], tmp_path / "t", "size=16", f"text_encoder={clip}", "projection=false",
+                      f"codec={data['vae']}", "scale=0.5")
+    shutil.rmtree(clip)
+    summary = T.train(smoke(tmp_path, "dataset=prepared", f"data_root={out}", "conditioning=text", "image_size=4",
+                            "model.patch_size=1"))
+    assert summary["pipeline"].startswith("no pipeline saved: the prepared folder's text encoder")
+    assert "cannot be loaded here" in summary["pipeline"] and not (tmp_path / "run/pipeline").exists()
+    assert json.loads((tmp_path / "run/summary.json").read_text())["pipeline"] == summary["pipeline"]
+    assert (tmp_path / "run/samples/step_0000002.png").is_file()     # decoded by the codec, which is still here
+
+
 def test_a_run_of_the_wrong_kind_names_what_the_folder_holds(data, tmp_path):
     text = run_prepare(data["captions"], tmp_path / "t", "size=16", f"text_encoder={data['clip']}", "projection=false")
     classes = run_prepare(data["classes"], tmp_path / "c", "size=16")
@@ -302,6 +359,46 @@ def test_a_folder_without_labels_under_class_conditioning_is_an_error_that_names
     rows = [json.loads(x) for x in (labelled / "captions.jsonl").read_text().splitlines()]
     (labelled / "captions.jsonl").write_text("".join(json.dumps({**r, "label": k % 3}) + "\n" for k, r in enumerate(rows)))
     assert T.build_dataset(smoke(tmp_path, "dataset=folder", f"data_root={labelled}", "image_size=16")).num_classes == 3
+
+
+# --------------------------------------------------------------------------- a prepared folder as the FID reference
+
+def test_a_prepared_folder_is_a_fid_reference_pixels_as_stored_latents_decoded_by_its_codec(data, tmp_path):
+    from tld.autoencoder import DiffusersVAE
+    from tld.evaluate import score_npz
+
+    pixels = run_prepare(data["classes"], tmp_path / "px", "size=16")          # float16 pixels: exact as uint8
+    batches, count, _ = P.iter_prepared_images(pixels, batch=5)
+    got = np.concatenate(list(batches()))
+    a, m = arrays(pixels)
+    src = P.open_source(P.PrepareConfig(source=str(data["classes"])))
+    want = np.stack([P.adm_center_crop(src.open(i), 16) for i in a["items"]])
+    assert count == 13 and got.dtype == np.uint8 and np.array_equal(got, want)
+    # FID / KID against the folder = against an .npz of the same images
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "ref.npz", arr_0=want)
+    by_folder = score_npz(tmp_path / "samples.npz", pixels, "classifier", kid_subsets=5)
+    by_npz = score_npz(tmp_path / "samples.npz", tmp_path / "ref.npz", "classifier", kid_subsets=5)
+    assert by_folder["fid"] == pytest.approx(by_npz["fid"], rel=1e-6) and by_folder["kid"] == pytest.approx(by_npz["kid"])
+    assert by_folder["n_reference"] == 13 and "a prepared folder: 13 images, 16 px, pixels" in by_folder["reference"]
+    assert score_npz(tmp_path / "samples.npz", pixels, "classifier", kid_subsets=5, ref_n=4)["n_reference"] == 4
+    np.savez(tmp_path / "s8.npz", arr_0=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="prepared folder of 16 px images, the samples are 8 px"):
+        score_npz(tmp_path / "s8.npz", pixels, "classifier")
+    # latents: decoded by the manifest's codec, one view per item of a flip=true folder
+    vae = shutil.copytree(data["vae"], tmp_path / "vae")
+    latents = run_prepare(data["classes"], tmp_path / "z", "size=16", f"codec={vae}", "scale=0.5", "flip=true")
+    batches, count, what = P.iter_prepared_images(latents, batch=4)
+    got = np.concatenate(list(batches()))
+    z = torch.from_numpy(arrays(latents)[0]["latents"][0::2]).float()
+    with torch.no_grad():
+        x = DiffusersVAE(str(vae), scale=0.5).decode(z)
+    want = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert count == 13 and np.abs(got.astype(int) - want.astype(int)).max() <= 1 and "decoded" in what
+    shutil.rmtree(vae)                                                  # the codec moved: say so, by name
+    with pytest.raises(FileNotFoundError, match="codec .*vae.* cannot be loaded here"):
+        score_npz(tmp_path / "samples.npz", latents, "classifier")
 
 
 def test_the_command_line_reports_errors_without_a_traceback(tmp_path, capsys):
@@ -337,10 +434,12 @@ def launch(module: str, *args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def two_process_run(data, tmp_path_factory):
-    """2 processes prepare a class folder through the tiny VAE, then 2 processes train a few steps on it.
+    """Issue 15's offline end to end, in 2 processes at each stage: prepare a class folder through the tiny VAE,
+    train a few steps on it, sample N images into ADM's .npz with tld.evaluate (decoded by the codec the folder's
+    manifest names), and score FID and KID (classifier features) against the prepared folder itself.
 
-    Returns {'one', 'two': the 1- and 2-process prepared folders, 'run': the training run folder}. (Issue 15's
-    sampling of N images across 2 processes and their FID against the prepared folder go on from here.)"""
+    Returns {'one', 'two': the 1- and 2-process prepared folders, 'run', 'run1': the 2- and 1-process training
+    runs, 'samples': the .npz}."""
     root = tmp_path_factory.mktemp("mp")
     args = ["size=16", f"codec={data['vae']}", "scale=0.5", "shard_size=3", "batch_size=2", "progress=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -352,7 +451,10 @@ def two_process_run(data, tmp_path_factory):
              "batch_size=4", "max_steps=3", "sample_steps=2", "log_every=1", "progress=false"]
     launch("tld.train", *train, f"out_dir={root / 'run'}")
     T.train(T.config_from_args([*train, f"out_dir={root / 'run1'}"]))   # the same run in one process
-    return {"one": root / "one", "two": root / "two", "run": root / "run", "run1": root / "run1"}
+    launch("tld.evaluate", f"checkpoint={root / 'run'}", "n=8", "steps=2", "batch_size=4", "sampler=ddim",
+           f"out={root / 'samples.npz'}", f"ref={root / 'two'}", "features=classifier", "progress=false")
+    return {"one": root / "one", "two": root / "two", "run": root / "run", "run1": root / "run1",
+            "samples": root / "samples.npz"}
 
 
 @pytest.mark.multiprocess
@@ -376,3 +478,17 @@ def test_two_processes_train_on_the_prepared_folder(two_process_run):
     one, two = load_file(str(two_process_run["run1"] / ckpt)), load_file(str(run / ckpt))
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_sample_into_adm_npz_and_score_fid_and_kid_against_the_prepared_folder(two_process_run):
+    samples = two_process_run["samples"]
+    made = json.loads(samples.with_name("samples.npz.json").read_text())
+    assert made["processes"] == 2 and made["kind"] == "class"
+    with np.load(samples) as z:
+        assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (8, 16, 16, 3)   # latents decoded to 16 px
+        assert z["arr_1"].tolist() == [i % 2 for i in range(8)]
+    score = json.loads(samples.with_name("samples.npz.score.json").read_text())
+    assert score["features"] == "classifier:shapes-classifier" and score["n_samples"] == 8
+    assert score["n_reference"] == 13 and "a prepared folder: 13 images" in score["reference"]
+    assert np.isfinite(score["fid"]) and score["fid"] > 0 and score["kid"] is not None

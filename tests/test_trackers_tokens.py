@@ -71,7 +71,8 @@ def test_uvit_t2i_trains_on_a_tiny_clips_77_tokens_and_saves_a_token_pipeline(tm
 
 
 def test_uvit_t2i_reads_a_tensors_files_token_sequence(tmp_path):
-    """The recipe's own data path: a .safetensors with 'text' [N, 77, D] (CLIP's tokens) beside the latents."""
+    """A small .safetensors with 'text' [N, 77, D] (CLIP's tokens) beside the latents also feeds the recipe
+    (its own data path, a prepared folder, is tests/test_prepare.py's)."""
     from safetensors.torch import save_file
 
     from tld.runs import load_model
@@ -79,7 +80,7 @@ def test_uvit_t2i_reads_a_tensors_files_token_sequence(tmp_path):
     g = torch.Generator().manual_seed(0)
     path = tmp_path / "toy.safetensors"
     save_file({"images": torch.randn(16, 4, 8, 8, generator=g), "text": torch.randn(16, 77, 8, generator=g)}, str(path))
-    train(config_from_args(["preset=uvit-t2i", f"data_root={path}", "image_size=8", "batch_size=8", "max_steps=2",
+    train(config_from_args(["preset=uvit-t2i", "dataset=tensors", f"data_root={path}", "image_size=8", "batch_size=8", "max_steps=2",
                             "warmup_steps=0", "mixed_precision=no", "model.embed_dim=32", "model.depth=2",
                             "model.num_heads=2", "sample_steps=2", f"out_dir={tmp_path / 'run'}", "progress=false"]))
     model = load_model(tmp_path / "run")

@@ -151,8 +151,8 @@ PRESETS.update({
     # captions dropped; sampled with DPM-Solver 50 steps at guidance w = 2 (U-ViT's scale 1 is w - 1).
     # Differences: our vp-linear betas (1e-4..0.02), not SD's scaled-linear (0.00085..0.012)^2, and the
     # latent scale is whatever the prepared latents carry (U-ViT's COCO features use 0.23010).
-    "uvit-t2i": dict(model="uvit-s/2", model_overrides={"depth": 16}, dataset="tensors",
-                     data_root="data/mscoco256-latents/train.safetensors", image_size=32, conditioning="text",
+    "uvit-t2i": dict(model="uvit-s/2", model_overrides={"depth": 16}, dataset="prepared",
+                     data_root="data/mscoco256-sdvae-clip", image_size=32, conditioning="text",
                      text_tokens=True, class_dropout=0.1, schedule="vp-linear", prediction="eps",
                      batch_size=256, lr=2e-4, weight_decay=0.03, beta1=0.9, beta2=0.9, warmup_steps=5000,
                      lr_schedule="constant", ema_decay=0.9999, max_steps=1_000_000, mixed_precision="bf16",
@@ -177,6 +177,8 @@ GPU presets. Expected time on one A100-80GB in bf16, estimated from the training
   uvit-s2-cifar10   uvit-s/2  CIFAR-10 train, pixels in [-1, 1], 3x32x32      128   500K     73     ~11 h
   dit-xl2-imagenet  dit-xl/2  ImageNet-256 SD-VAE latents x 0.18215, labels   256   400K    712     ~7 days
   tld-256           tld-100m  SDXL-VAE latents / 8, pooled CLIP [768]         256   260K    139     ~21 h
+  uvit-t2i          uvit-s/2  SD-VAE latents, 77 CLIP tokens [77, 768]        256     1M    116     ~2.8 days
+                    (depth 16: U-ViT-S/2 Deep, MS-COCO; text_tokens=true)
 
 Each reads a folder made once by python -m tld.prepare (.npy shards and a manifest; every GPU
 streams its slice of each batch, nothing is loaded whole). On N GPUs, for example:
@@ -186,13 +188,26 @@ streams its slice of each batch, nothing is loaded whole). On N GPUs, for exampl
   python -m tld.prepare source=/data/cifar10/train out=data/cifar10-32 size=32 codec=none dtype=float32
   accelerate launch --multi_gpu --num_processes N -m tld.prepare source=/data/captioned out=data/text256-sdxlvae-clip \\
       size=256 codec=madebyollin/sdxl-vae-fp16-fix scale=0.125 text_encoder=openai/clip-vit-large-patch14
+  accelerate launch --multi_gpu --num_processes N -m tld.prepare source=/data/coco/train out=data/mscoco256-sdvae-clip \\
+      size=256 codec=stabilityai/sd-vae-ft-ema text_encoder=openai/clip-vit-large-patch14 text=tokens
 
 then train (the global batch stays the preset's; add grad_accum=K if it does not fit):
 
   accelerate launch --multi_gpu --num_processes N -m tld.train preset=dit-xl2-imagenet data_root=data/imagenet256-sdvae
 
 and on M machines: add --num_machines M --machine_rank R --main_process_ip HOST --main_process_port 29500.
-The README's "Full runs on real data" has every step, scoring included.
+Score with the FID-50K protocol: every process samples its slice into ADM's .npz (out=), then FID and KID
+against ref= (ADM's reference batch .npz, an .npz of images, an image folder, or a prepared folder, whose
+latents are decoded by the codec its manifest names), each figure named by its features= (inception, or
+classifier for the offline shapes classifier):
+
+  accelerate launch --multi_gpu --num_processes N -m tld.evaluate checkpoint=runs/dit-xl2-imagenet \\
+      n=50000 out=samples.npz ref=VIRTUAL_imagenet256_labeled.npz features=inception sampler=ddpm steps=250 \\
+      guidance=1.5 batch_size=125
+
+(also: ref_n= to score against that many reference images spread over a prepared folder, captions= a
+captioned prepared folder or text file for a text pipeline's prompts, codec= for latents of a run not
+trained on a prepared folder). The README's "Full runs on real data" has every step.
 """
 
 

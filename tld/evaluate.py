@@ -4,9 +4,11 @@
     python -m tld.evaluate train-classifier     # rebuild tld/assets/shapes-classifier (~1 min)
 
     # FID-50K as the papers measure it: N samples in ADM's .npz format, made by every process, then
-    # FID and KID against ADM's reference batch (or any .npz of images, or an image folder)
+    # FID and KID against ADM's reference batch (or any .npz of images, an image folder, or a prepared
+    # folder; ref_n= of its images). A run on a prepared folder decodes its latents with the codec the
+    # folder's manifest names (else codec=<a saved codec folder>); captions= prompts a text pipeline.
     accelerate launch --multi_gpu --num_processes 8 -m tld.evaluate checkpoint=runs/dit-xl2-imagenet \
-        n=50000 out=samples.npz ref=VIRTUAL_imagenet256_labeled.npz codec=<SD VAE codec folder> \
+        n=50000 out=samples.npz ref=VIRTUAL_imagenet256_labeled.npz features=inception \
         sampler=ddpm steps=250 guidance=1.5 batch_size=125
 
 The scores come from `tld.judge` (the shapes classifier: color, shape, position adherence) and
@@ -59,6 +61,7 @@ from .judge import (
     train_shapes_classifier,
 )
 from .pipeline import TextToImage
+from .prepare import iter_prepared_images, manifest_codec, prepared_captions
 from .runs import load_model
 from .samplers import SAMPLERS, generate, sample
 from .viz import show
@@ -81,12 +84,13 @@ __all__ = [
 EVAL_KEYS = {  # key: (default, type); None default = required
     "checkpoint": (None, str), "n": (None, int), "steps": (20, int), "guidance": (3.0, float),
     "sampler": ("dpm++2m", str), "seed": (0, int), "out": ("", str), "features": ("", str),
-    "batch_size": (64, int), "progress": (True, bool), "ref": ("", str), "codec": ("", str),
+    "batch_size": (64, int), "progress": (True, bool), "ref": ("", str), "codec": ("", str), "ref_n": (0, int),
+    "captions": ("", str),
 }
 EVAL_USAGE = ("python -m tld.evaluate checkpoint=PATH n=N [steps=20] [guidance=3] [sampler=dpm++2m] [seed=0] "
               "[out=DIR] [features=classifier] [batch_size=64] [progress=true]\n"
               "       [accelerate launch -m] python -m tld.evaluate checkpoint=PATH n=50000 out=samples.npz "
-              "[ref=REF.npz|FOLDER] [features=inception] [codec=FOLDER] ...\n"
+              "[ref=REF.npz|FOLDER|PREPARED] [ref_n=0] [features=inception] [codec=FOLDER] [captions=PREPARED|FILE.txt] ...\n"
               "       python -m tld.evaluate train-classifier [--out DIR] [--steps N] [--seed S]")
 
 
@@ -117,6 +121,8 @@ def eval_config_from_args(args: list[str]) -> dict:
     if cfg["sampler"] not in SAMPLERS:
         raise ValueError(f"unknown sampler {cfg['sampler']!r}; valid samplers: {', '.join(SAMPLERS)}")
     protocol = cfg["out"].endswith(".npz")
+    if cfg["ref_n"] < 0:
+        raise ValueError(f"ref_n must be >= 0 (0: every reference image), got {cfg['ref_n']}")
     if cfg["ref"] and not protocol:
         raise ValueError(f"ref={cfg['ref']!r} scores an ADM-format samples file: pass out=<samples>.npz too")
     if not cfg["features"]:   # the published protocol's, or the shapes report's offline default
@@ -391,7 +397,15 @@ def _load_generator(checkpoint, codec: str, device):
     model = load_model(path, device=device)
     tc = model.train_config
     dec = load_codec(codec, device).decode if codec else (lambda x: x)
-    if not codec and model.in_chans != 3:
+    if not codec and model.in_chans != 3 and tc.get("dataset") == "prepared":
+        # trained on a prepared folder: its manifest names the codec that made the latents
+        made = Path(tc["data_root"]) / "manifest.json"
+        if not made.is_file():
+            raise FileNotFoundError(f"{str(path)!r} makes {model.in_chans}-channel latents of the prepared folder "
+                                    f"{tc['data_root']!r}, which is not here to name their codec; pass codec=<its "
+                                    f"codec folder>")
+        dec = manifest_codec(io.read_json(made), device).decode
+    elif not codec and model.in_chans != 3:
         raise ValueError(f"{str(path)!r} makes {model.in_chans}-channel latents; pass codec=<the codec folder that "
                          "made them> (a saved DiffusersVAE, e.g. the SD VAE) so its samples can be decoded to images")
     return "class" if model.num_classes else "none", model, dec, \
@@ -472,14 +486,17 @@ def npz_keys(path) -> dict:
 
 
 def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float = 3.0, sampler: str = "dpm++2m",
-                  seed: int = 0, batch_size: int = 64, codec: str = "", progress: bool = False) -> Path:
+                  seed: int = 0, batch_size: int = 64, codec: str = "", progress: bool = False,
+                  captions: str = "") -> Path:
     """Sample n images into ADM's .npz format (``arr_0`` uint8 [n, H, W, 3]; ``arr_1`` int64 labels for a
     class model), across every process of ``accelerate launch``.
 
     Global batch k holds images [k B, (k + 1) B) and process r samples the batches k = r, r + P, ...:
     image i starts from noise seeded by (seed, i), with label i mod num_classes (every class equally
     often), and batch k's sampler noise is seeded by (seed, k). So 1 and N processes write the same
-    file (for one batch_size). Each batch is saved to ``<out>.parts/`` as it is made, so a killed run
+    file (for one batch_size). A text pipeline's image i shows caption i mod C of ``captions`` (a captioned
+    prepared folder, e.g. the validation set that is also ``ref``, or a text file of one caption a line;
+    default: the held-out shapes captions). Each batch is saved to ``<out>.parts/`` as it is made, so a killed run
     resumes at the batches not yet written; the main process then streams them into ``out``.
     """
     from accelerate import PartialState
@@ -489,6 +506,8 @@ def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float =
     parts = out.with_name(out.name + ".parts")
     settings = {"checkpoint": str(checkpoint), "n": n, "steps": steps, "guidance": guidance, "sampler": sampler,
                 "seed": seed, "batch_size": batch_size, "codec": codec}
+    if captions:
+        settings["captions"] = captions
     done = out.with_name(out.name + ".json")
     if out.is_file() and done.is_file() and io.read_json(done).get("settings") == settings:
         return out   # made already, with these settings
@@ -503,7 +522,9 @@ def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float =
     device = state.device if state.device.type == "cuda" else torch.device("cpu")   # not "cpu:0": safetensors
     kind, gen, decode, cfg = _load_generator(checkpoint, codec, device)
     model = gen.denoiser if kind == "text" else gen
-    captions = held_out_captions(n) if kind == "text" else None
+    prompts = _protocol_captions(captions, n) if kind == "text" else None
+    if captions and kind != "text":
+        raise ValueError(f"captions={captions!r} is for a text-to-image pipeline; {str(checkpoint)!r} is a {kind} model")
     batches = list(range(-(-n // batch_size)))
     mine = batches[state.process_index::state.num_processes]
     todo = [k for k in mine if not (parts / f"images_{k:06d}.npy").is_file()]
@@ -515,7 +536,7 @@ def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float =
                                          generator=torch.Generator().manual_seed(_image_seed(seed, i))) for i in idx])
         labels, cond, null = None, None, None
         if kind == "text":
-            cond, null = gen.condition([captions[i] for i in idx])
+            cond, null = gen.condition([prompts[i] for i in idx])
         elif kind == "class":
             labels = torch.tensor([i % model.num_classes for i in idx])
             cond = labels.to(device)
@@ -544,6 +565,24 @@ def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float =
     return out
 
 
+def _protocol_captions(spec: str, n: int) -> list[str]:
+    """n prompts: caption i mod C of a captioned prepared folder or a text file (one a line); the held-out
+    shapes captions without a spec."""
+    if not spec:
+        return held_out_captions(n)
+    p = Path(spec)
+    if (p / "manifest.json").is_file():
+        caps = prepared_captions(p)
+    elif p.is_file():
+        caps = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        raise FileNotFoundError(f"captions={spec!r} is neither a prepared folder (manifest.json) nor a text file "
+                                f"of one caption a line")
+    if not caps:
+        raise ValueError(f"captions={spec!r} holds no captions")
+    return [caps[i % len(caps)] for i in range(n)]
+
+
 def _center_crop_resize(image, size: int) -> np.ndarray:
     """ADM's center crop: halve with a box filter while the short side is >= 2 size, resize the short side
     to size (bicubic), crop the center square. -> uint8 [size, size, 3]."""
@@ -559,8 +598,11 @@ def _center_crop_resize(image, size: int) -> np.ndarray:
     return arr[top:top + size, left:left + size]
 
 
-def _reference(ref, size: int, batch: int):
-    """(image batches uint8 NHWC or None, (mu, sigma) or None, description) of a reference."""
+def _reference(ref, size: int, batch: int, ref_n: int = 0, device="cpu"):
+    """(image batches uint8 NHWC or None, (mu, sigma) or None, description) of a reference.
+
+    A prepared folder (tld.prepare) gives its images: pixels as stored, latents decoded by the codec its
+    manifest records; one view per item; ``ref_n`` > 0 takes that many items spread over the folder."""
     ref = Path(ref)
     if ref.suffix == ".npz" and ref.is_file():
         keys = npz_keys(ref)
@@ -575,11 +617,13 @@ def _reference(ref, size: int, batch: int):
         n = keys["arr_0"][0] if "arr_0" in keys else 0
         return images, stats, f"{ref.name} ({n} images{', mu/sigma' if stats else ''})"
     if ref.is_dir():
-        if (ref / "manifest.json").is_file():
-            # hook: a tld.prepare folder holds encoded shards (latents or pixels); its images for a reference
-            # come through the module that wrote it, which this branch does not have yet
-            raise NotImplementedError(f"{ref} is a prepared folder (manifest.json); as a FID reference, pass its "
-                                      "source images' folder or an .npz of images (arr_0) for now")
+        if (ref / "manifest.json").is_file():   # a prepared folder: its images, decoded if they are latents
+            have = io.read_json(ref / "manifest.json").get("image_size")
+            if have != size:
+                raise ValueError(f"reference {ref} is a prepared folder of {have} px images, the samples are {size} "
+                                 f"px; FID compares images of one size (prepare the reference with size={size})")
+            images, count, what = iter_prepared_images(ref, batch, ref_n, device)
+            return images, None, f"{ref} (a prepared folder: {count} images, {what})"
         files = sorted(p for p in ref.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"reference folder {ref} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -595,7 +639,7 @@ def _reference(ref, size: int, batch: int):
                 yield np.stack(out)
         return images, None, f"{ref} ({len(files)} images, center-cropped to {size} px)"
     raise FileNotFoundError(f"reference {str(ref)!r} does not exist; pass ADM's reference batch (.npz with arr_0 "
-                            "and/or mu, sigma), an .npz of images, or a folder of images")
+                            "and/or mu, sigma), an .npz of images, a folder of images, or a prepared folder (python -m tld.prepare)")
 
 
 def _features_of_batches(batches, features: str, classifier, batch_size: int, device) -> torch.Tensor:
@@ -607,7 +651,7 @@ def _features_of_batches(batches, features: str, classifier, batch_size: int, de
 
 
 def score_npz(samples, ref, features: str = "inception", classifier=None, batch_size: int = 250, device="cpu",
-              kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE) -> dict:
+              kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE, ref_n: int = 0) -> dict:
     """FID and KID of an ADM-format samples .npz against a reference, in the named feature space.
 
     FID uses the reference's own mu / sigma when it has them and the features are Inception's (ADM's
@@ -620,7 +664,7 @@ def score_npz(samples, ref, features: str = "inception", classifier=None, batch_
     shape = npz_keys(samples).get("arr_0")
     if shape is None or len(shape) != 4 or shape[-1] != 3:
         raise ValueError(f"{samples} is not an ADM samples file: expected 'arr_0' uint8 [N, H, W, 3], got {shape}")
-    images, stats, described = _reference(ref, shape[1], batch_size)
+    images, stats, described = _reference(ref, shape[1], batch_size, ref_n, device)
     f_gen = _features_of_batches(iter_npz(samples, "arr_0", batch_size), features, clf, batch_size, device)
     f_ref = _features_of_batches(images(), features, clf, batch_size, device) if images else None
     use_file_stats = stats is not None and (features == "inception" or f_ref is None)
@@ -639,20 +683,21 @@ def score_npz(samples, ref, features: str = "inception", classifier=None, batch_
 
 def evaluate_protocol(checkpoint, n: int, out, ref: str = "", features: str = "inception", steps: int = 20,
                       guidance: float = 3.0, sampler: str = "dpm++2m", seed: int = 0, batch_size: int = 64,
-                      codec: str = "", progress: bool = False) -> dict | None:
+                      codec: str = "", progress: bool = False, ref_n: int = 0, captions: str = "") -> dict | None:
     """``python -m tld.evaluate checkpoint=... n=50000 out=samples.npz ref=...``: sample (every process), then
     score on the main process; writes ``<out>.score.json``. Returns the scores (None on other processes)."""
     from accelerate import PartialState
 
     out = sample_to_npz(checkpoint, n, out, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
-                        batch_size=batch_size, codec=codec, progress=progress)
+                        batch_size=batch_size, codec=codec, progress=progress, captions=captions)
     state = PartialState(cpu=not torch.cuda.is_available())   # gloo on a CPU machine, as the trainer
     if not state.is_main_process:
         return None
     report = {"samples": str(out), "n": n, "checkpoint": str(checkpoint), "steps": steps, "guidance": guidance,
               "sampler": sampler, "seed": seed}
     if ref:
-        report.update(score_npz(out, ref, features, device=state.device if state.device.type == "cuda" else "cpu"))
+        report.update(score_npz(out, ref, features, device=state.device if state.device.type == "cuda" else "cpu",
+                                ref_n=ref_n))
         io.write_json(out.with_name(out.name + ".score.json"), report)
     return report
 
@@ -703,9 +748,9 @@ def main(argv=None) -> int:
             if report is not None:
                 print(format_protocol(report))
             return 0
-        ref, codec = cfg.pop("ref"), cfg.pop("codec")
-        if ref or codec:
-            raise ValueError("ref= and codec= go with out=<samples>.npz (the FID-50K protocol)")
+        ref, codec, ref_n, captions = cfg.pop("ref"), cfg.pop("codec"), cfg.pop("ref_n"), cfg.pop("captions")
+        if ref or codec or ref_n or captions:
+            raise ValueError("ref=, ref_n=, codec= and captions= go with out=<samples>.npz (the FID-50K protocol)")
         report = evaluate_checkpoint(**cfg)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:   # speak to the learner, no traceback
         print(f"error: {e}", file=sys.stderr)

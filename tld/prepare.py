@@ -68,7 +68,8 @@ from .data import _IMAGE_SUFFIXES, CaptionedImageFolder
 from .text import CLIPText, load_text_encoder
 
 __all__ = ["PrepareConfig", "prepare", "adm_center_crop", "open_source", "PreparedDataset", "open_prepared",
-           "main"]
+           "manifest_codec", "manifest_text_encoder", "manifest_encoders", "iter_prepared_images",
+           "prepared_captions", "main"]
 
 FORMAT = "tld-prepared"
 VERSION = 1
@@ -323,6 +324,102 @@ def load_text_spec(cfg: PrepareConfig, device):
     return CLIPText(cfg.text_encoder, device=device, projection=cfg.projection, local_files_only=not cfg.online)
 
 
+def _spec_path(spec: str) -> str:
+    """An encoder as the manifest records it: a folder as its absolute path (loadable from any working
+    directory), a hub id as given."""
+    return str(Path(spec).resolve()) if Path(spec).is_dir() else spec
+
+
+def manifest_codec(manifest: dict, device="cpu"):
+    """The codec that made a prepared folder's latents, loaded from what its manifest records (None: the
+    folder holds pixels). FileNotFoundError naming it when it cannot be loaded here (a folder that moved, a
+    hub id not in the cache); ValueError when the weights found differ from those that encoded the folder."""
+    ident = manifest.get("codec")
+    if ident is None:
+        return None
+    spec = manifest.get("codec_path") or ident.get("name") or ""
+    try:
+        codec = load_codec_spec(PrepareConfig(codec=spec, scale=ident.get("scale", 0.18215)), device)
+    except (OSError, ValueError, ImportError) as e:
+        raise FileNotFoundError(f"the prepared folder's codec {spec!r} (its manifest.json's codec_path) cannot be "
+                                f"loaded here ({type(e).__name__}: {e}); put that folder back, or download the "
+                                f"model into the Hugging Face cache") from e
+    _same_weights(codec, ident, "codec", spec)
+    return codec
+
+
+def manifest_text_encoder(manifest: dict, device="cpu"):
+    """The text encoder that made a prepared folder's embeddings (None: it has none), as manifest_codec."""
+    ident = manifest.get("text_encoder")
+    if ident is None:
+        return None
+    spec = manifest.get("text_encoder_path") or ident.get("name") or ""
+    try:
+        enc = load_text_spec(PrepareConfig(text_encoder=spec, projection=ident.get("projection", True)), device)
+    except (OSError, ValueError, ImportError) as e:
+        raise FileNotFoundError(f"the prepared folder's text encoder {spec!r} (its manifest.json's "
+                                f"text_encoder_path) cannot be loaded here ({type(e).__name__}: {e})") from e
+    _same_weights(enc, ident, "text encoder", spec)
+    return enc
+
+
+def manifest_encoders(manifest: dict, device="cpu") -> tuple:
+    """(text encoder, codec, why not) for a text run's pipeline on a prepared folder: the encoders its
+    manifest records, loaded (codec None for pixels), or (None, None or the codec, the reason in words)."""
+    if manifest.get("text_encoder") is None:
+        return None, None, "the prepared folder records no text encoder"
+    try:
+        return manifest_text_encoder(manifest, device), manifest_codec(manifest, device), ""
+    except (FileNotFoundError, ValueError) as e:
+        try:
+            codec = manifest_codec(manifest, device)   # still decodes the samples, if it is here
+        except (FileNotFoundError, ValueError):
+            codec = None
+        return None, codec, str(e)
+
+
+def _same_weights(encoder, recorded: dict, what: str, spec: str) -> None:
+    found = encoder_identity(encoder).get("weights")
+    if recorded.get("weights") and found != recorded["weights"]:
+        raise ValueError(f"the {what} at {spec!r} is not the one that made this prepared folder: its weights digest "
+                         f"is {found[:16]}..., the manifest's {recorded['weights'][:16]}...")
+
+
+def prepared_captions(folder) -> list[str]:
+    """A captioned prepared folder's captions, one per source item (in the source's order)."""
+    folder = Path(folder)
+    m = PreparedDataset(folder).manifest
+    if not m["captions"]:
+        raise ValueError(f"the prepared folder {str(folder)!r} has no captions (prepared from "
+                         f"{m['source']['kind']}); prepare a captioned source")
+    rows = [c for s in m["shards"] if s["rows"] for c in io.read_json(folder / "shards" / s["name"] / "captions.json")]
+    return rows[::m["views"]]
+
+
+def iter_prepared_images(folder, batch: int = 250, n: int = 0, device="cpu"):
+    """A prepared folder's images as uint8 [B, S, S, 3] batches (ADM's .npz layout): pixels (codec=none) as
+    stored, latents decoded by the codec its manifest records. One view per source item (a flip=true
+    folder's mirrors are left out); ``n`` > 0 takes n items spread evenly over the folder (its order is the
+    source's, class by class for ImageNet). Returns (the batches' generator, the item count, a description)."""
+    ds = PreparedDataset(folder)
+    m = ds.manifest
+    codec = manifest_codec(m, device)
+    items = np.arange(0, m["count"], m["views"])
+    if n and n < len(items):
+        items = items[np.linspace(0, len(items) - 1, n).round().astype(np.int64)]
+    what = f"{m['codec_path'] or m['codec'].get('name')} decoded" if codec is not None else "pixels"
+
+    def batches():
+        for lo in range(0, len(items), batch):
+            z = torch.stack([ds[int(i)]["image"] for i in items[lo:lo + batch]])
+            if codec is not None:
+                with torch.no_grad():
+                    z = codec.decode(z.to(device)).float().cpu()
+            x = ((z.clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            yield x.permute(0, 2, 3, 1).contiguous().numpy()
+    return batches, len(items), f"{m['image_size']} px, {what}"
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -548,7 +645,8 @@ def write_manifest(out: Path, key: str, ident: dict, shards, source, codec, text
         "codec": ident["codec"], "text_encoder": ident["text_encoder"],
         "digests": {"codec": _digest(ident["codec"]) if codec is not None else None,
                     "text_encoder": _digest(ident["text_encoder"]) if text_encoder is not None else None},
-        "codec_path": cfg.codec if codec is not None else None,
+        "codec_path": _spec_path(cfg.codec) if codec is not None else None,
+        "text_encoder_path": _spec_path(cfg.text_encoder) if text_encoder is not None else None,
         "source": ident["source"], "settings": ident["settings"],
         "skipped": len(skipped), "skipped_examples": skipped[:100],
         "upscaled": sum(m["upscaled"] for m in metas), "shards": rows,
@@ -670,8 +768,13 @@ def open_prepared(folder, conditioning: str, image_size: int, text: str = "poole
                          f"use conditioning=text{' (it has text embeddings)' if m['text'] else ''} or "
                          f"conditioning=none, or prepare a class-subfolder source")
     if conditioning == "text" and text not in m["text"]:
-        raise ValueError(f"conditioning=text needs {text!r} text embeddings, but the prepared folder {where!r} "
-                         f"has {m['text'] or 'none'} {made}; prepare it with text_encoder=... text={text}, or use "
+        other = "pooled" if text == "tokens" else "tokens"
+        switch = {"pooled": "text_tokens=false (the pooled vector as one token)",
+                  "tokens": "text_tokens=true (a U-ViT reading the token sequence)"}[other]
+        instead = f"use {switch}, or " if other in m["text"] else ""
+        raise ValueError(f"conditioning=text{' text_tokens=true' if text == 'tokens' else ''} needs {text!r} text "
+                         f"embeddings, but the prepared folder {where!r} has {m['text'] or 'none'} {made}; {instead}"
+                         f"prepare it with text_encoder=... text={text if other not in m['text'] else 'both'}, or use "
                          f"conditioning={'class' if m['labels'] else 'none'}")
     shape = m["latent_shape"]
     if shape[-1] != image_size or shape[-2] != image_size:

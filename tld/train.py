@@ -45,7 +45,7 @@ from .data import CaptionedImageFolder, DigitsDataset, ShapesDataset
 from .models import count_parameters, create, family
 from .optim import ema_decay_at, ema_update, fit_one_cycle
 from .pipeline import TextToImage
-from .prepare import open_prepared
+from .prepare import manifest_encoders, open_prepared
 from .runs import (
     TRAINED_ENCODERS,
     encoder_folder,
@@ -82,7 +82,8 @@ def build_dataset(cfg: TrainConfig):
     if cfg.dataset == "tensors":
         return TensorFileDataset(cfg.data_root, cfg.image_size, cfg.conditioning)
     if cfg.dataset == "prepared":  # python -m tld.prepare's shards, streamed row by row
-        return open_prepared(cfg.data_root, cfg.conditioning, cfg.image_size)
+        return open_prepared(cfg.data_root, cfg.conditioning, cfg.image_size,
+                             text="tokens" if cfg.text_tokens else "pooled")
     folder = CaptionedImageFolder(cfg.data_root, size=cfg.image_size)
     if cfg.conditioning == "class":  # classes from the caption file's label column, never silently none
         if min(folder.labels) < 0:
@@ -336,6 +337,7 @@ class Run:
     img_shape: tuple = ()
     text_encoder: object = None
     codec: object = None
+    pipeline_note: str = ""          # a text run that saves no pipeline: why
     model: nn.Module = None          # what the optimizer steps (wrapped by accelerate: DDP, compile)
     raw_model: nn.Module = None      # the plain module, whose names checkpoints and the EMA use
     ema: nn.Module = None
@@ -407,6 +409,10 @@ def setup(cfg: TrainConfig, accelerator=None) -> Run:
     if run.text and cfg.dataset not in ("tensors", "prepared"):
         run.text_encoder, run.codec = prepare_text_encoders(cfg, accelerator, out_dir)
         run.dataset = cache_text_dataset(cfg, accelerator, dataset, run.text_encoder, run.codec, out_dir)
+    elif run.text and accelerator.is_main_process:  # encoded text: a pipeline only with the encoders that made it
+        run.text_encoder, run.codec, why = manifest_encoders(dataset.manifest, accelerator.device) \
+            if cfg.dataset == "prepared" else (None, None, "a dataset=tensors file records no encoders")
+        run.pipeline_note = f"no pipeline saved: {why}" if why else ""
     run.img_shape = tuple(run.dataset[0]["image"].shape)
     return run
 
@@ -555,11 +561,15 @@ def finish(run: Run) -> dict:
                      dataset=run.dataset, codec=run.codec)
         if run.text_encoder is not None:
             save_pipeline(run.cfg, run.ema, run.text_encoder, run.codec, run.model_kw, run.out_dir / "pipeline")
+        elif run.pipeline_note:
+            print(run.pipeline_note, file=sys.stderr)
     steps_done = run.step - run.start_step
     summary = {"steps": run.step, "steps_this_run": steps_done, "seconds": seconds,
                "steps_per_second": steps_done / seconds if seconds > 0 else float("nan"),
                "final_loss": run.losses[-1] if run.losses else float("nan"), "out_dir": str(run.out_dir),
                "num_processes": run.accelerator.num_processes, "parameters": count_parameters(run.raw_model)}
+    if run.text and run.main:
+        summary["pipeline"] = run.pipeline_note or str(run.out_dir / "pipeline")
     if run.main:
         io.write_json(run.out_dir / "summary.json", summary)
     if run.cfg.log_with:
