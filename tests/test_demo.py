@@ -15,7 +15,7 @@ def test_demo_trains_judges_and_writes_a_labelled_grid(tmp_path, capsys):
                     f"reference={tmp_path / 'no-reference'}"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "color acc" in text and "this run" in text and "steps/s" in text
+    assert "color acc" in text and "this run" in text and "steps/s" in text and "geometry: shape" in text
     assert "no reference checkpoint" in text
     image = Image.open(out_png)
     assert image.height > 18 * 16, "one row per class (18)"

@@ -23,7 +23,7 @@ from . import assets, io
 from . import train as T
 from .config import parse_key_values
 from .data import DEFAULT_COLORS, ShapesDataset
-from .judge import shapes_accuracy
+from .quality import read_samples
 from .runs import latest_checkpoint, load_model
 from .viz import to_uint8
 
@@ -41,10 +41,10 @@ def class_samples(model, train_config: dict, per_class: int = 4, steps: int = 50
 
 
 def judge(images: torch.Tensor, labels: torch.Tensor, colors=DEFAULT_COLORS) -> dict:
-    """Color and shape accuracy of class samples, as read back by the shapes classifier."""
-    shapes, cols = labels // len(colors), labels % len(colors)
-    acc = shapes_accuracy(images, shapes, cols)
-    return {"color": acc["color"], "shape": acc["shape"], "both": acc["all"]}
+    """Color and shape accuracy of class samples, as read back by the shapes classifier, and the shape as
+    read by the geometric reader (`tld.geometry`: the best-fitting ideal outline; 'strict' also asks for
+    render-precise edges)."""
+    return read_samples(images, labels, colors)
 
 
 def labelled_grid(panels: list[tuple[str, torch.Tensor]], labels: torch.Tensor, class_names: list[str],
@@ -129,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no reference checkpoint at {reference}: showing this run only")
     labelled_grid(panels, labels, names, per_class).save(out_png)
 
-    print(f"\n{'samples':<12}{'color acc':>10}{'shape acc':>10}{'both':>8}   ({per_class} per class, "
-          f"{steps} DDIM steps, guidance {guidance})")
+    print(f"\n{'samples':<12}{'color acc':>10}{'shape acc':>10}{'both':>8}{'geometry: shape':>17}{'strict':>8}"
+          f"   ({per_class} per class, {steps} DDIM steps, guidance {guidance})")
     for name, acc in rows:
-        print(f"{name:<12}{acc['color']:>10.3f}{acc['shape']:>10.3f}{acc['both']:>8.3f}")
+        print(f"{name:<12}{acc['color']:>10.3f}{acc['shape']:>10.3f}{acc['both']:>8.3f}{acc['geo_shape']:>17.3f}"
+              f"{acc['strict']:>8.3f}")
     print(f"\nwrote {out_png} ; wall time {(time.perf_counter() - wall) / 60:.1f} min")
     return 0
 
