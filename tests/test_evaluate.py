@@ -158,7 +158,7 @@ def test_cli_on_the_shipped_class_model_writes_a_report_that_reads_its_samples_r
 @pytest.mark.parametrize("args, named", [
     (["n=4", "colour=red"], ["'colour'", "checkpoint", "guidance", "sampler"]),
     (["n=four"], ["n expects an int", "'four'"]),
-    (["n=4", "sampler=heun"], ["'heun'", "dpm++2m", "ddim"]),
+    (["n=4", "sampler=lms"], ["'lms'", "dpm++2m", "ddim"]),
     (["n=4", "guidance=strong"], ["guidance", "'strong'"]),
     (["n=1"], ["n must be at least 2"]),
     (["n=4", "steps=0"], ["steps must be at least 1"]),
