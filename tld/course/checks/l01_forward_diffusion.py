@@ -79,7 +79,7 @@ def check_v_target(fn) -> None:
 
         def hint(got, exp, x0=x0, eps=eps, t=t, schedule=schedule):
             a, s = schedule.alpha(t).view(-1, 1, 1, 1), schedule.sigma(t).view(-1, 1, 1, 1)
-            if _close(got, a * x0 - s * eps) or _close(got, s * x0 - a * eps):
+            if _close(got, a * x0 - s * eps):
                 return "x0 and eps are swapped: v leans toward eps at small t (v = alpha_t eps - sigma_t x0)"
             if _close(got, s * x0 - a * eps) or _close(got, -exp):
                 return "sign: v = alpha_t eps - sigma_t x0, so at t near 0 it is close to eps"
