@@ -267,5 +267,18 @@ def test_each_prediction_loss_is_the_x0_error_times_x0_error_scale(name):
         snr = sched.alpha(t) ** 2 / sched.sigma(t) ** 2
         weighted = loss(pred, x0, eps, t, sched, prediction, "min-snr", 5.0).double()
         torch.testing.assert_close(weighted, err_x0 * snr.clamp(max=5.0), rtol=1e-4, atol=1e-9)
+        # EDM's lambda(s) = (s^2 + sd^2) / (s sd)^2 on the VE noise level s = sigma / alpha, over 1 / sd^2
+        s_ve = sched.sigma(t) / sched.alpha(t)
+        lam = (s_ve**2 + 0.25) / (s_ve * 0.5) ** 2 * 0.25
+        edm = loss(pred, x0, eps, t, sched, prediction, "edm", sigma_data=0.5).double()
+        torch.testing.assert_close(edm, err_x0 * lam, rtol=1e-4, atol=1e-9)
+    # v prediction's own weighting is EDM's with sigma_data = 1 (on a VP schedule, where alpha^2 + sigma^2 = 1)
+    if name != "rectified":
+        v_pred = convert(x0_hat, x_t, t, sched, "x0", "v")
+        torch.testing.assert_close(loss(v_pred, x0, eps, t, sched, "v").double(),
+                                   loss(x0_hat, x0, eps, t, sched, "x0", "edm", sigma_data=1.0).double(),
+                                   rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="sigma_data must be > 0, got 0"):
+        loss(x0_hat, x0, eps, t, sched, "x0", "edm", sigma_data=0)
     with pytest.raises(ValueError, match="unknown loss weighting 'snr'"):
         loss(x0_hat, x0, eps, t, sched, "x0", "snr")

@@ -24,7 +24,7 @@ import torch
 
 PREDICTIONS = ("eps", "x0", "v")
 TIME_SAMPLERS = ("uniform", "beta", "logit-normal")
-LOSS_WEIGHTINGS = ("none", "min-snr")
+LOSS_WEIGHTINGS = ("none", "min-snr", "edm")
 
 
 def _as_tensor(t) -> torch.Tensor:
@@ -308,13 +308,20 @@ def x0_error_scale(t: torch.Tensor, schedule: Schedule, prediction: str) -> torc
 
 
 def loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
-         schedule: Schedule, prediction: str, weighting: str = "none", gamma: float = 5.0) -> torch.Tensor:
+         schedule: Schedule, prediction: str, weighting: str = "none", gamma: float = 5.0,
+         sigma_data: float = 0.5) -> torch.Tensor:
     """Mean squared error against the target of ``prediction``, one value per example ([B]).
 
     ``weighting="min-snr"`` is Min-SNR-gamma (Hang et al. 2023): whatever the prediction, the loss becomes
     min(SNR, gamma) times the squared error of the implied x0, i.e. the prediction's error divided by
     ``x0_error_scale`` and multiplied by min(SNR, gamma). High-SNR (nearly clean) times stop dominating
     and the very noisy ones are damped, as in x0 prediction for t near 1.
+
+    ``weighting="edm"`` is the weighting of Karras et al. 2022 (EDM): on the noise level s = sigma / alpha of
+    x_t / alpha = x0 + s eps, lambda(s) = (s^2 + sigma_data^2) / (s sigma_data)^2 times the x0 error, here
+    divided by 1 / sigma_data^2 so that pure noise weighs 1: 1 + sigma_data^2 SNR (v prediction's weighting
+    is the same with sigma_data = 1). Only the weighting: the network is not preconditioned by EDM's c_skip,
+    c_out and c_in, and t keeps its own sampler.
     """
     tgt = target(x0, eps, t, schedule, prediction)
     if pred.shape != tgt.shape:
@@ -322,12 +329,18 @@ def loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tenso
     err = (pred.float() - tgt.float()).pow(2).flatten(1).mean(1)
     if weighting == "none":
         return err
-    if weighting != "min-snr":
+    if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {LOSS_WEIGHTINGS}")
-    if not gamma > 0:
-        raise ValueError(f"min-snr gamma must be > 0, got {gamma}")
     snr = schedule.alpha(t).double() ** 2 / schedule.sigma(t).double().clamp_min(1e-12) ** 2
-    w = snr.clamp(max=gamma) / x0_error_scale(t, schedule, prediction).clamp_min(1e-12)
+    if weighting == "edm":
+        if not sigma_data > 0:
+            raise ValueError(f"edm sigma_data must be > 0, got {sigma_data}")
+        w_x0 = 1 + sigma_data**2 * snr
+    else:
+        if not gamma > 0:
+            raise ValueError(f"min-snr gamma must be > 0, got {gamma}")
+        w_x0 = snr.clamp(max=gamma)
+    w = w_x0 / x0_error_scale(t, schedule, prediction).clamp_min(1e-12)
     return err * w.to(err.dtype)
 
 
@@ -450,7 +463,7 @@ def vlb_term(pred: torch.Tensor, v: torch.Tensor, x0: torch.Tensor, x_t: torch.T
 
 def hybrid_loss(out: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor,
                 schedule: Schedule, prediction: str = "eps", vlb_weight: float = VLB_WEIGHT,
-                weighting: str = "none", gamma: float = 5.0) -> torch.Tensor:
+                weighting: str = "none", gamma: float = 5.0, sigma_data: float = 0.5) -> torch.Tensor:
     """The training loss of one batch, [B]: ``loss`` for a model of C output channels; for one of 2C
     (a learned variance, DiT's 8 channels for 4), L_hybrid = L_simple + lambda T L_t (Nichol & Dhariwal
     2021, eq. 16: T L_t estimates L_vlb = sum_t L_t), where L_t's mean is computed from the detached
@@ -458,7 +471,7 @@ def hybrid_loss(out: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch
     3.1; DiT's ``frozen_out``). With T = 1000 and lambda = 0.001 that is DiT's mse + vb.
     """
     pred, v = split_learned_variance(out, x0.shape[1])
-    simple = loss(pred, x0, eps, t, schedule, prediction, weighting, gamma)
+    simple = loss(pred, x0, eps, t, schedule, prediction, weighting, gamma, sigma_data)
     if v is None:
         return simple
     return simple + vlb_weight * num_steps(schedule) * vlb_term(pred.detach(), v, x0, x_t, t, schedule, prediction)
