@@ -126,6 +126,21 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
         T.train(smoke(tmp_path, "run", "resume=true", "model.embed_dim=64"))
 
 
+def test_init_from_starts_model_and_ema_at_a_folder_s_ema_weights(tmp_path):
+    T.train(smoke(tmp_path, "base", "max_steps=5"))
+    trained = weights(tmp_path / "base", 5, "ema")
+    run = T.setup(smoke(tmp_path, "tuned", f"init_from={tmp_path / 'base'}", "seed=1"))
+    T.build(run)
+    for module in (run.model, run.ema):
+        assert_same_weights(module.state_dict(), trained)
+    fresh = T.setup(smoke(tmp_path, "fresh", "seed=1"))
+    T.build(fresh)   # without init_from, seed 1 starts elsewhere: the check above can fail
+    assert not all(torch.equal(v, trained[k]) for k, v in fresh.model.state_dict().items())
+    assert run.start_step == 0 and run.optimizer.state == {}
+    with pytest.raises(ValueError, match=r"init_from=.*holds model 'uvit-tiny' with .*embed_dim"):
+        T.build(T.setup(smoke(tmp_path, "other", f"init_from={tmp_path / 'base'}", "model.embed_dim=64")))
+
+
 def test_deterministic_switch_is_restored_after_the_run(tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
     T.train(smoke(tmp_path, "a", "max_steps=2", "deterministic=true"))

@@ -34,6 +34,8 @@ class TrainConfig:
     data_root: str = ""
     image_size: int = 32
     dataset_length: int = 1_000_000  # procedural datasets: how many distinct images
+    # dataset=shapes: only these of the nine positions, comma-separated (e.g. "center"); "": all of them
+    shapes_positions: str = ""
     conditioning: str = "class"  # class | none | text (pooled text: a tensors file's, or text_encoder's)
     # conditioning=text on captioned data (shapes, folder): the text encoder is "tinyclip" (trained here
     # first, saved in out_dir/text_encoder) or a saved encoder's folder; the codec is "" (pixels),
@@ -54,8 +56,11 @@ class TrainConfig:
     schedule: str = "vp-cosine"
     prediction: str = "v"
     time_sampler: str = "uniform"
-    loss_weighting: str = "none"  # none | min-snr (min(SNR, gamma) times the implied x0's squared error)
+    # none | min-snr (min(SNR, gamma) times the implied x0's squared error) | edm (Karras et al. 2022's
+    # lambda(sigma): 1 + sigma_data^2 SNR times the implied x0's squared error)
+    loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
+    edm_sigma_data: float = 0.5
     # a model that predicts its variance too (2C output channels: DiT's learn_sigma) trains on
     # L_simple + vlb_weight * T * L_vlb (Nichol & Dhariwal 2021's hybrid objective, lambda = 0.001)
     vlb_weight: float = 0.001
@@ -97,6 +102,9 @@ class TrainConfig:
     sample_guidance: float = 1.0
     seed: int = 0
     resume: bool = False
+    # start from the weights of this model folder (an exported model, a checkpoint or a run folder): the
+    # model and its EMA begin there, with a fresh optimizer at step 0 (fine-tuning, or training on further)
+    init_from: str = ""
     progress: bool = True
 
 
@@ -110,6 +118,13 @@ PRESETS: dict[str, dict] = {
     "cpu-demo": dict(model="uvit-course", image_size=32, batch_size=64, max_steps=1000, max_minutes=10,
                      warmup_steps=50, lr=2e-3, prediction="x0", sample_guidance=3.0, out_dir="runs/demo",
                      save_every=200),
+    # lesson 12's CPU run: a minute for recognisable shapes. The course U-ViT shrunk to 16 px, x0 prediction,
+    # shapes in the center only (python -m tld.bench quality base=cpu-lesson compares the choices)
+    "cpu-lesson": dict(model="uvit-course", model_overrides={"patch_size": 4, "embed_dim": 64, "depth": 4,
+                                                             "conv_mlp": False},
+                       image_size=16, shapes_positions="center", prediction="x0", batch_size=32, max_steps=1000,
+                       warmup_steps=20, lr=2e-3, ema_decay=0.99, log_every=50, sample_steps=20,
+                       sample_guidance=3.0, out_dir="runs/cpu-lesson"),
     # the course's text-to-image model (tld/assets/shapes-t2i): the TLD denoiser cross-attending to
     # TinyCLIP's pooled caption, on 16x16x4 latents of a small VAE (PSNR 38 dB on shapes); the recipe of
     # cpu-demo otherwise. Trains its encoders first (~5 min), then ~45 min on one CPU thread. (U-ViT with

@@ -76,7 +76,8 @@ lr_at = learning_rate
 
 def build_dataset(cfg: TrainConfig):
     if cfg.dataset == "shapes":
-        return ShapesDataset(size=cfg.image_size, seed=cfg.seed, length=cfg.dataset_length)
+        kw = {"positions": tuple(p.strip() for p in cfg.shapes_positions.split(","))} if cfg.shapes_positions else {}
+        return ShapesDataset(size=cfg.image_size, seed=cfg.seed, length=cfg.dataset_length, **kw)
     if cfg.dataset == "digits":
         return DigitsDataset(size=cfg.image_size, seed=cfg.seed, channels=3)
     if cfg.dataset == "tensors":
@@ -426,12 +427,25 @@ def build(run: Run) -> None:
     run.model.gradient_checkpointing = cfg.gradient_checkpointing
     if run.num_classes and (cfg.class_dropout > 0 or cfg.sample_guidance != 1.0):
         _ = run.model.null_class  # a model built without a null class says so now, not after training
+    if cfg.init_from:
+        init_weights(run.model, cfg.init_from, run.model_kw, cfg.model)
     run.ema = create(cfg.model, **run.model_kw)
     run.ema.load_state_dict(run.model.state_dict())
     run.ema.requires_grad_(False).eval()
     # the fused kernel updates every tensor in one launch on a GPU (same update, fp32 rounding apart)
     run.optimizer = torch.optim.AdamW(run.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                       weight_decay=cfg.weight_decay, fused=run.accelerator.device.type == "cuda")
+
+
+def init_weights(model: nn.Module, folder, model_kw: dict, preset: str) -> None:
+    """Load the weights (EMA where the folder has them) of a model folder into ``model``, after checking
+    that the folder was made for the same preset and arguments."""
+    init = load_model(folder)
+    made_for = (init.train_config.get("model"), json.loads(json.dumps(init.model_kwargs)))
+    if made_for != (preset, json.loads(json.dumps(model_kw))):
+        raise ValueError(f"init_from={str(folder)!r} holds model {made_for[0]!r} with {made_for[1]}, "
+                         f"not {preset!r} with {model_kw}")
+    model.load_state_dict(init.state_dict())
 
 
 def resume(run: Run) -> None:
@@ -511,7 +525,8 @@ def train_step(run: Run) -> float:
             pred = run.model(x_t, t, cond)
             # L_simple (weighted as loss_weighting says); plus lambda T L_vlb for a model that predicts its variance
             loss = diffusion.hybrid_loss(pred, x0, eps, t, x_t, run.schedule, cfg.prediction, cfg.vlb_weight,
-                                         cfg.loss_weighting, cfg.min_snr_gamma).mean() / cfg.grad_accum
+                                         cfg.loss_weighting, cfg.min_snr_gamma,
+                                         cfg.edm_sigma_data).mean() / cfg.grad_accum
         acc.backward(loss)
         step_loss += loss.detach()
     # the logged loss is the mean over every process's micro-batches
