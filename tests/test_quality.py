@@ -37,6 +37,15 @@ def test_a_sweep_trains_each_arm_with_its_keys_and_scores_every_checkpoint(tmp_p
     assert printed.count("geometry: shape") == 2   # each arm's table as soon as it is done
 
 
+def test_a_sweep_from_another_base_preset_changes_only_the_arm_s_keys(tmp_path):
+    quality.sweep(["x0", "x0+all-positions"], steps=2, evals=1, root=tmp_path, per_class=1, base="cpu-lesson")
+    centered, nine = (load_model(checkpoint_folder(tmp_path / a, 2)).train_config for a in ("x0", "x0+all-positions"))
+    assert centered["model"] == "uvit-course" and centered["image_size"] == 16 and centered["shapes_positions"] == "center"
+    assert {k for k in centered if centered[k] != nine[k] and k != "out_dir"} == {"shapes_positions"}
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        quality.sweep(["x0"], steps=2, evals=1, root=tmp_path, base="nope")
+
+
 def test_bad_arms_and_options_are_named():
     with pytest.raises(ValueError, match=r"unknown arm\(s\) \['x1'\]"):
         quality.sweep(["x1"], steps=2)

@@ -141,6 +141,18 @@ def test_init_from_starts_model_and_ema_at_a_folder_s_ema_weights(tmp_path):
         T.build(T.setup(smoke(tmp_path, "other", f"init_from={tmp_path / 'base'}", "model.embed_dim=64")))
 
 
+def test_shapes_positions_keeps_only_the_named_positions(tmp_path):
+    from tld.data import ShapesDataset
+    ds = T.build_dataset(smoke(tmp_path, "c", "shapes_positions=center, top left"))
+    assert ds.positions == ("center", "top left")
+    full = ShapesDataset(size=16)
+    centers = {(round(float(ds.params(i)[3])), round(float(ds.params(i)[4]))) for i in range(200)}
+    assert len(centers) < len({(round(float(full.params(i)[3])), round(float(full.params(i)[4]))) for i in range(200)})
+    assert {ds[i]["caption"].split(" ", 3)[-1] for i in range(50)} == {"in the center", "at the top left"}
+    with pytest.raises(ValueError, match="unknown position 'middle'"):
+        T.build_dataset(smoke(tmp_path, "m", "shapes_positions=middle"))
+
+
 def test_deterministic_switch_is_restored_after_the_run(tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
     T.train(smoke(tmp_path, "a", "max_steps=2", "deterministic=true"))

@@ -2,8 +2,9 @@
 
     python -m tld.bench quality                          # every arm, 600 steps each
     python -m tld.bench quality steps=300 arms=x0,v      # a shorter sweep of some arms
+    python -m tld.bench quality base=cpu-lesson arms=x0,v,x0+all-positions steps=1000   # lesson 12's model
 
-Every arm is ``preset=cpu-demo`` with a few keys changed (``ARMS``), trained from the same seed for the
+Every arm is ``preset=cpu-demo`` (or the preset ``base=`` names) with a few keys changed (``ARMS``), trained from the same seed for the
 same number of steps, checkpointed ``evals`` times along the way. Each checkpoint's EMA weights draw
 ``per_class`` samples of every class (DDIM, guidance 3, the demo's sampling) that two readers score:
 
@@ -18,6 +19,7 @@ minutes move with the load while the steps do not, so compare arms at equal step
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -28,7 +30,7 @@ import torch
 from . import assets
 from . import train as T
 from .config import config_from_args, parse_key_values
-from .data import DEFAULT_COLORS, SHAPES
+from .data import DEFAULT_COLORS, POSITIONS, SHAPES
 from .geometry import geometric_accuracy
 from .judge import shapes_accuracy
 from .runs import checkpoint_folder, load_model
@@ -42,10 +44,13 @@ ARMS: dict[str, list[str]] = {
     "v": ["prediction=v"],
     "eps": ["prediction=eps"],
     "x0+min-snr5": ["loss_weighting=min-snr", "min_snr_gamma=5"],
+    "x0+edm-weighting": ["loss_weighting=edm", "edm_sigma_data=0.5"],
     "x0+logit-normal-t": ["time_sampler=logit-normal"],
     "x0+lr4e-3": ["lr=4e-3"],
     "x0+batch32": ["batch_size=32"],
     "x0-conv-mlp": ["model.conv_mlp=False"],
+    "x0+centered": ["shapes_positions=center"],
+    "x0+all-positions": ["shapes_positions=" + ",".join(POSITIONS)],
     "x0+wide192-depth4": ["model.embed_dim=192", "model.depth=4", "model.num_heads=6"],
 }
 
@@ -89,10 +94,10 @@ def score_model(model, per_class: int = 4, steps: int = 30, guidance: float = 3.
 
 
 def run_arm(name: str, keys: list[str], steps: int, evals: int, root: Path, threads: int = 0,
-            per_class: int = 4) -> list[dict]:
-    """Train one arm for ``steps`` steps and score it at ``evals`` evenly spaced checkpoints."""
+            per_class: int = 4, base: str = "cpu-demo") -> list[dict]:
+    """Train one arm (preset ``base`` with ``keys``) for ``steps`` steps; score it at ``evals`` checkpoints."""
     every = max(1, steps // evals)
-    args = ["preset=cpu-demo", *keys, f"max_steps={steps}", "max_minutes=0", f"save_every={every}",
+    args = [f"preset={base}", *keys, f"max_steps={steps}", "max_minutes=0", f"save_every={every}",
             f"keep_checkpoints={evals + 1}", f"log_every={every}", "progress=false",
             f"out_dir={root / name}", f"threads={threads}"]
     cfg = config_from_args(args)
@@ -110,18 +115,18 @@ def run_arm(name: str, keys: list[str], steps: int, evals: int, root: Path, thre
     return rows
 
 
-def sweep(arms=None, steps: int = 600, evals: int = 3, threads: int = 0, root=None, per_class: int = 4) -> list[dict]:
-    """Every arm of ``arms`` (names of ``ARMS``; all by default), trained and scored; rows of the table."""
+def sweep(arms=None, steps: int = 600, evals: int = 3, threads: int = 0, root=None, per_class: int = 4,
+          base: str = "cpu-demo") -> list[dict]:
+    """Every arm of ``arms`` (names of ``ARMS``; all by default), trained from preset ``base`` and scored."""
     names = list(ARMS) if arms is None else list(arms)
     unknown = [a for a in names if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; expected some of {list(ARMS)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(root) if root else Path(tmp)
+    with tempfile.TemporaryDirectory() if root is None else contextlib.nullcontext(root) as folder:
         rows = []
         for name in names:
             t0 = time.perf_counter()
-            arm = run_arm(name, ARMS[name], steps, evals, base, threads, per_class)
+            arm = run_arm(name, ARMS[name], steps, evals, Path(folder), threads, per_class, base)
             rows += arm
             # each arm's rows as soon as it is done: a long sweep stopped part-way still has them
             print(f"{format_table(arm)}\n  ({name}: {(time.perf_counter() - t0) / 60:.1f} min with sampling)", flush=True)
@@ -141,13 +146,14 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> dict:
     opts = dict(parse_key_values(argv or [], hint=" (e.g. steps=300 arms=x0,v evals=3 threads=2)"))
-    known = {"steps", "arms", "evals", "threads", "per_class", "out"}
+    known = {"steps", "arms", "evals", "threads", "per_class", "out", "base"}
     if set(opts) - known:
         raise ValueError(f"unknown option(s) {sorted(set(opts) - known)}; expected some of {sorted(known)}")
     arms = opts["arms"].split(",") if "arms" in opts else None
     steps, evals = int(opts.get("steps", 600)), int(opts.get("evals", 3))
-    print(f"bench quality: {steps} steps per arm, scored at {evals} checkpoints "
+    base = opts.get("base", "cpu-demo")
+    print(f"bench quality: preset={base}, {steps} steps per arm, scored at {evals} checkpoints "
           f"(DDIM 30, guidance 3, {int(opts.get('per_class', 4))} samples per class)", flush=True)
-    rows = sweep(arms, steps, evals, int(opts.get("threads", 0)), opts.get("out"), int(opts.get("per_class", 4)))
+    rows = sweep(arms, steps, evals, int(opts.get("threads", 0)), opts.get("out"), int(opts.get("per_class", 4)), base)
     print(format_table(rows))
     return {"rows": rows}
