@@ -597,16 +597,17 @@ COLAB_LESSONS = {
         hand=dict(image_size=32, patch_size=4, width=128, depth=4, heads=4, batch_size=32, steps=1500),
         runs={"in-context": [], "adaLN-Zero": [], "cross-attention (TLD)": [], "TLD, plain MLP": []}),
     "06_training_loop": dict(
-        # the hand-written loop and tld.train (2 x 2000), then the short runs of sections 4-6: 3 + 3 (4 x 8
+        # the hand-written loop (2000) and tld.train's first 200 steps of it, then the short runs of sections 4-6: 3 + 3 (4 x 8
         # accumulated) + 3 (checkpointed) + 40 + 20 + 20 (resumed), counted here at the main run's cost
-        precision="fp32", steps=2 * 2000 + 89, note="hand loop + tld.train, deterministic fp32",
+        precision="fp32", steps=2000 + 200 + 89, note="hand loop + tld.train's first 200 steps, fp32",
         train=["image_size=32", "batch_size=32", "max_steps=2000", "lr=0.002", "ema_decay=0.95", "warmup_steps=20",
                "model=uvit-course", "model.patch_size=4", "model.embed_dim=64", "model.depth=4",
-               "model.conv_mlp=false", "deterministic=true"],
+               "model.conv_mlp=false", "prediction=x0", "shapes_positions=center", "deterministic=true"],
         runs={"uvit-course, width 64": []}),
     "12_full_training_run": dict(
-        # the run, then a copy stopped half-way and resumed: 2 x 3000
-        precision="fp16", steps=2 * 3000, note="the cpu-demo recipe; the run + its resumed copy",
+        # the run, then a copy resumed from its earliest kept checkpoint (cpu-demo saves every 200 steps and
+        # keeps 2: step 2800): 3000 + 200
+        precision="fp16", steps=3000 + 200, note="the cpu-demo recipe; the run + its resumed last 200 steps",
         train=["preset=cpu-demo", "max_steps=3000", "max_minutes=0", "mixed_precision=fp16", "deterministic=true"],
         runs={"uvit-course (cpu-demo)": []}),
 }
