@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = load_model(reference)
         ref_images, _ = class_samples(ref, ref.train_config, per_class, steps, guidance)
         meta = json.loads((reference / "config.json").read_text())
-        panels.append((f"reference ({meta.get('step', '?')} steps)", ref_images))
+        # steps_in_all: a model trained on from another's weights (init_from) counts both runs' steps
+        panels.append((f"reference ({meta.get('steps_in_all', meta.get('step', '?'))} steps)", ref_images))
         rows.append(("reference", judge(ref_images, labels)))
     else:
         print(f"no reference checkpoint at {reference}: showing this run only")
