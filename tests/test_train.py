@@ -141,6 +141,18 @@ def test_init_from_starts_model_and_ema_at_a_folder_s_ema_weights(tmp_path):
         T.build(T.setup(smoke(tmp_path, "other", f"init_from={tmp_path / 'base'}", "model.embed_dim=64")))
 
 
+def test_a_copied_checkpoint_pointed_at_resumes_the_same_curve(tmp_path):
+    from tld.runs import checkpoint_folder, point_latest
+    T.train(smoke(tmp_path, "run", "save_every=10", *DET))
+    shutil.copytree(checkpoint_folder(tmp_path / "run", 10), checkpoint_folder(tmp_path / "copy", 10))
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 5 in"):
+        point_latest(tmp_path / "copy", 5)
+    point_latest(tmp_path / "copy", 10)
+    assert T.train(smoke(tmp_path, "copy", "save_every=10", "resume=true", *DET))["steps_this_run"] == 10
+    for which in ("model", "ema"):
+        assert_same_weights(weights(tmp_path / "run", 20, which), weights(tmp_path / "copy", 20, which))
+
+
 def test_shapes_positions_keeps_only_the_named_positions(tmp_path):
     from tld.data import ShapesDataset
     ds = T.build_dataset(smoke(tmp_path, "c", "shapes_positions=center, top left"))

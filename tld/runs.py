@@ -61,7 +61,7 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, ema: nn.Module, 
     opt_tensors, opt_meta = io.optimizer_state_to_tensors(optimizer.state_dict())
     io.save_state(final, {"step": step, **meta, "optimizer": opt_meta}, model=model.state_dict(),
                   ema=ema.state_dict(), optimizer=opt_tensors)
-    io.write_json(final.parent / "latest.json", {"step": step, "path": final.name})
+    point_latest(out_dir, step)
     old = sorted(p for p in final.parent.glob("step_*") if p.is_dir() and p != final)
     for p in old[: max(0, len(old) - (keep - 1))]:
         try:
@@ -69,6 +69,14 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, ema: nn.Module, 
         except OSError as e:  # a full disk or a permission problem: say so, keep training
             warnings.warn(f"could not delete the old checkpoint {p}: {e}", stacklevel=2)
     return final
+
+
+def point_latest(out_dir, step: int) -> None:
+    """Point ``out_dir``'s checkpoints/latest.json (what a resume starts from) at its step ``step`` checkpoint."""
+    folder = checkpoint_folder(out_dir, step)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no checkpoint of step {step} in {Path(out_dir) / 'checkpoints'}")
+    io.write_json(folder.parent / "latest.json", {"step": step, "path": folder.name})
 
 
 def latest_checkpoint(out_dir) -> Path | None:
@@ -93,12 +101,9 @@ def load_checkpoint_state(ckpt: Path, model: nn.Module, ema: nn.Module, optimize
     return meta
 
 
-def load_model(path, which: str = "ema", device="cpu") -> nn.Module:
-    """Load a trained model from a checkpoint folder (or a run folder, taking its latest checkpoint).
-
-    ``which`` is ``ema`` (what samples should come from) or ``model`` (the raw weights); an exported
-    folder holds only ``model.safetensors``, which is then read for either.
-    """
+def model_weights(path, which: str = "ema", device="cpu") -> tuple[dict, dict, Path]:
+    """(config.json, state dict, its file) of a checkpoint folder, a run folder (its latest checkpoint) or an
+    exported model folder (only ``model.safetensors``, read for either ``which``)."""
     path = Path(path)
     if (path / "checkpoints").exists():
         found = latest_checkpoint(path)
@@ -110,8 +115,18 @@ def load_model(path, which: str = "ema", device="cpu") -> nn.Module:
         raise FileNotFoundError(f"{path} is not a tld checkpoint: {path / 'config.json'} is missing")
     name = which if (path / f"{which}.safetensors").exists() else "model"
     meta, states = io.load_state(path, name, device=str(device))
+    return meta, states[name], path / f"{name}.safetensors"
+
+
+def load_model(path, which: str = "ema", device="cpu") -> nn.Module:
+    """Load a trained model from a checkpoint folder (or a run folder, taking its latest checkpoint).
+
+    ``which`` is ``ema`` (what samples should come from) or ``model`` (the raw weights); an exported
+    folder holds only ``model.safetensors``, which is then read for either.
+    """
+    meta, state, file = model_weights(path, which, device)
     model = create(meta["model"], **meta["model_kwargs"])
-    io.load_exact(model, states[name], path / f"{name}.safetensors", f"model {meta['model']!r}")
+    io.load_exact(model, state, file, f"model {meta['model']!r}")
     model.train_config = meta.get("train_config", {})
     model.model_kwargs = meta["model_kwargs"]
     return model.to(device).eval()

@@ -52,6 +52,7 @@ from .runs import (
     latest_checkpoint,
     load_checkpoint_state,
     load_model,
+    model_weights,
     save_checkpoint,
 )
 from .samplers import generate as generate_samples
@@ -437,15 +438,19 @@ def build(run: Run) -> None:
                                       weight_decay=cfg.weight_decay, fused=run.accelerator.device.type == "cuda")
 
 
+def _made_for(meta: dict, preset: str, model_kw: dict) -> bool:
+    """Whether a saved folder's config.json names this model preset with these arguments (as JSON reads them)."""
+    return meta["model"] == preset and meta["model_kwargs"] == json.loads(json.dumps(model_kw))
+
+
 def init_weights(model: nn.Module, folder, model_kw: dict, preset: str) -> None:
     """Load the weights (EMA where the folder has them) of a model folder into ``model``, after checking
     that the folder was made for the same preset and arguments."""
-    init = load_model(folder)
-    made_for = (init.train_config.get("model"), json.loads(json.dumps(init.model_kwargs)))
-    if made_for != (preset, json.loads(json.dumps(model_kw))):
-        raise ValueError(f"init_from={str(folder)!r} holds model {made_for[0]!r} with {made_for[1]}, "
+    meta, state, file = model_weights(folder)
+    if not _made_for(meta, preset, model_kw):
+        raise ValueError(f"init_from={str(folder)!r} holds model {meta['model']!r} with {meta['model_kwargs']}, "
                          f"not {preset!r} with {model_kw}")
-    model.load_state_dict(init.state_dict())
+    io.load_exact(model, state, file, f"model {preset!r}")
 
 
 def resume(run: Run) -> None:
@@ -459,7 +464,7 @@ def resume(run: Run) -> None:
             print(f"resume=true but no checkpoint in {run.out_dir}; starting from step 0")
         return
     meta = io.read_json(ckpt / "config.json")
-    if meta["model"] != run.cfg.model or meta["model_kwargs"] != json.loads(json.dumps(run.model_kw)):
+    if not _made_for(meta, run.cfg.model, run.model_kw):
         raise ValueError(f"checkpoint {ckpt} was made for model {meta['model']!r} with {meta['model_kwargs']}, "
                          f"not {run.cfg.model!r} with {run.model_kw}")
     state = load_checkpoint_state(ckpt, run.model, run.ema, run.optimizer)
