@@ -5,8 +5,9 @@
 
 It trains the class-conditional U-ViT on shapes with ``python -m tld.train preset=cpu-demo``,
 samples every class from its EMA weights and from the shipped reference checkpoint
-(``tld.assets.path("shapes-cond")``, made by the same command with a longer budget), judges color
-and shape with the small classifier of ``tld.evaluate``, and writes one picture of both.
+(``tld.assets.path("shapes-cond")``, made by the same recipe trained on for longer), reads color
+and shape two ways (``tld.quality.read_samples``: the shapes classifier and the geometric reader), and
+writes one picture of both.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from . import assets, io
 from . import train as T
 from .config import parse_key_values
-from .data import DEFAULT_COLORS, ShapesDataset
+from .data import ShapesDataset
 from .quality import read_samples
 from .runs import latest_checkpoint, load_model
 from .viz import to_uint8
@@ -38,13 +39,6 @@ def class_samples(model, train_config: dict, per_class: int = 4, steps: int = 50
     images = T.generate(model, train_config, labels, steps=steps, guidance=guidance, seed=seed,
                         sampler=train_config.get("sample_sampler", "ddim"))
     return images, labels
-
-
-def judge(images: torch.Tensor, labels: torch.Tensor, colors=DEFAULT_COLORS) -> dict:
-    """Color and shape accuracy of class samples, as read back by the shapes classifier, and the shape as
-    read by the geometric reader (`tld.geometry`: the best-fitting ideal outline; 'strict' also asks for
-    render-precise edges)."""
-    return read_samples(images, labels, colors)
 
 
 def labelled_grid(panels: list[tuple[str, torch.Tensor]], labels: torch.Tensor, class_names: list[str],
@@ -118,14 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     ours = load_model(cfg.out_dir)
     images, labels = class_samples(ours, ours.train_config, per_class, steps, guidance)
     panels.append((f"this run ({summary['steps']} steps)", images))
-    rows.append(("this run", judge(images, labels)))
+    rows.append(("this run", read_samples(images, labels)))
     if (reference / "config.json").exists():
         ref = load_model(reference)
         ref_images, _ = class_samples(ref, ref.train_config, per_class, steps, guidance)
         meta = json.loads((reference / "config.json").read_text())
         # steps_in_all: a model trained on from another's weights (init_from) counts both runs' steps
         panels.append((f"reference ({meta.get('steps_in_all', meta.get('step', '?'))} steps)", ref_images))
-        rows.append(("reference", judge(ref_images, labels)))
+        rows.append(("reference", read_samples(ref_images, labels)))
     else:
         print(f"no reference checkpoint at {reference}: showing this run only")
     labelled_grid(panels, labels, names, per_class).save(out_png)
