@@ -272,6 +272,8 @@ def test_each_prediction_loss_is_the_x0_error_times_x0_error_scale(name):
         lam = (s_ve**2 + 0.25) / (s_ve * 0.5) ** 2 * 0.25
         edm = loss(pred, x0, eps, t, sched, prediction, "edm", sigma_data=0.5).double()
         torch.testing.assert_close(edm, err_x0 * lam, rtol=1e-4, atol=1e-9)
+        # "x0": the plain x0 error, whatever the network outputs (x0 prediction's own loss)
+        torch.testing.assert_close(loss(pred, x0, eps, t, sched, prediction, "x0").double(), err_x0, rtol=1e-4, atol=1e-9)
     # v prediction's own weighting is EDM's with sigma_data = 1 (on a VP schedule, where alpha^2 + sigma^2 = 1)
     if name != "rectified":
         v_pred = convert(x0_hat, x_t, t, sched, "x0", "v")

@@ -24,6 +24,20 @@ def test_distorted_shapes_fail_the_strict_bar(kind):
     assert acc["strict"] <= 0.15, (kind, acc)
 
 
+def test_faint_pixel_noise_does_not_change_the_reading_but_a_wrong_outline_still_fails():
+    # Gaussian noise of std 0.03 (1.5 % of the range) over the whole image: before the noise floor, the
+    # background's noise outweighed the shape's edge and every noisy render failed strict (IoU 0.87)
+    g = torch.Generator().manual_seed(8)
+    b = ShapesDataset(size=32, seed=8, length=96).batch(range(96))
+    noisy = (b["image"] + 0.03 * torch.randn(b["image"].shape, generator=g)).clamp(-1, 1)
+    acc = geometric_accuracy(noisy, b["shape"])
+    assert acc["shape"] == 1.0 and acc["strict"] >= 0.95 and acc["iou"] > 0.98, acc
+    for kind in ("notched square", "rounded square", "blob"):
+        x, imitates = distorted_batch(kind, 48, seed=9)
+        x = (x + 0.03 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+        assert geometric_accuracy(x, imitates)["strict"] <= 0.05, kind
+
+
 def test_the_classifier_accepts_distortions_that_the_strict_reader_rejects():
     # octagons for circles, rounded squares and lobed blobs: a lenient judge calls most of them right
     for kind in ("octagon circle", "rounded square", "blob"):

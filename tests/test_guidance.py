@@ -83,3 +83,38 @@ def test_guidance_without_null_cond_is_refused():
     model = guided_model("eps")
     with pytest.raises(ValueError, match="null_cond"):
         sample(model, torch.randn(4, 2), "vp-cosine", sampler="ddim", steps=3, cond=torch.ones(4), guidance=2.0)
+
+
+def test_a_guidance_interval_guides_only_inside_it_and_costs_one_call_outside():
+    from tld.samplers import make_denoiser, time_grid
+    model = guided_model("eps")
+    ts = time_grid("vp-cosine", 12)
+    # an interval holding every grid time is plain guidance; one holding none is the conditional model
+    torch.testing.assert_close(run_interval(model, (0.0, 1.0)), run(model, 3.0, n=64), atol=0, rtol=0)
+    torch.testing.assert_close(run_interval(model, (2.0, 3.0)), run(model, 1.0, n=64), atol=0, rtol=0)
+    # in between: batched (guided) calls exactly at the grid times inside [lo, hi], single calls elsewhere
+    counted = CountingModel(model)
+    lo, hi = 0.3, 0.8
+    run_interval(counted, (lo, hi), n=16)
+    inside = [lo <= t <= hi for t in ts[:-1].tolist()]
+    assert 0 < sum(inside) < len(inside)
+    assert counted.batches == [32 if i else 16 for i in inside]
+    # and the step is the guided one inside and the conditional one outside, per example as well
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    kw = dict(cond=torch.ones(4), null_cond=torch.zeros(4))
+    d_int = make_denoiser(model, "vp-cosine", "eps", guidance=3.0, guidance_interval=(lo, hi), **kw)
+    d_all = make_denoiser(model, "vp-cosine", "eps", guidance=3.0, **kw)
+    d_one = make_denoiser(model, "vp-cosine", "eps", **kw)
+    t = torch.tensor([0.2, 0.5, 0.7, 0.9], dtype=torch.float64)
+    inside = ((t >= lo) & (t <= hi))[:, None]
+    want = torch.where(inside, d_all(x, t)[0], d_one(x, t)[0])
+    assert not torch.allclose(d_all(x, t)[0], d_one(x, t)[0])   # guidance does change these steps
+    torch.testing.assert_close(d_int(x, t)[0], want, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match=r"lo <= hi, got \(0.8, 0.3\)"):
+        make_denoiser(model, "vp-cosine", "eps", guidance=3.0, guidance_interval=(0.8, 0.3), **kw)
+
+
+def run_interval(model, interval, n=64):
+    noise = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return sample(model, noise, "vp-cosine", sampler="dpm++2m", steps=12, prediction="eps", cond=torch.ones(n),
+                  null_cond=torch.zeros(n), guidance=3.0, guidance_interval=interval, progress=False)

@@ -361,3 +361,15 @@ def test_text_conditioning_errors_name_what_is_missing(tmp_path):
         T.train(smoke(tmp_path, "b", "text_encoder=tinyclip"))
     with pytest.raises(FileNotFoundError, match="text_encoder='/nowhere'"):
         T.train(smoke(tmp_path, "c", "conditioning=text", "text_encoder=/nowhere"))
+
+
+def test_t_max_train_keeps_every_training_time_at_or_below_it():
+    from tld.config import TrainConfig, validate
+    low = TrainConfig(t_max_train=0.4)
+    validate(low)
+    t = torch.cat([T.step_randomness(low, step, (64, 3, 8, 8), 18)[0] for step in range(20)])
+    assert t.max() <= 0.4 and t.max() > 0.35 and t.min() >= 0, (t.min(), t.max())
+    whole = torch.cat([T.step_randomness(TrainConfig(), step, (64, 3, 8, 8), 18)[0] for step in range(20)])
+    assert whole.max() > 0.9   # without it the whole range is drawn
+    with pytest.raises(ValueError, match=r"t_max_train=1.5 must be 0 .* or in \("):
+        validate(TrainConfig(t_max_train=1.5))

@@ -56,8 +56,12 @@ class TrainConfig:
     schedule: str = "vp-cosine"
     prediction: str = "v"
     time_sampler: str = "uniform"
+    # train only on times t <= t_max_train (0: the schedule's own t_max): a low-noise expert, as eDiff-I's
+    # expert denoisers and SDXL's refiner are trained on part of the noise range
+    t_max_train: float = 0.0
     # none | min-snr (min(SNR, gamma) times the implied x0's squared error) | edm (Karras et al. 2022's
-    # lambda(sigma): 1 + sigma_data^2 SNR times the implied x0's squared error)
+    # lambda(sigma): 1 + sigma_data^2 SNR times the implied x0's squared error) | x0 (weight 1 on the implied
+    # x0's squared error: x0 prediction's weighting, e.g. on a v-predicting network)
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
     edm_sigma_data: float = 0.5
@@ -362,6 +366,10 @@ def validate(cfg: TrainConfig) -> None:
                          f"a U-ViT model, got conditioning={cfg.conditioning!r}, model={cfg.model!r}")
     if cfg.vlb_weight < 0:
         raise ValueError(f"vlb_weight must be >= 0, got {cfg.vlb_weight}")
+    sched = diffusion.get_schedule(cfg.schedule)
+    if cfg.t_max_train and not sched.t_min < cfg.t_max_train <= sched.t_max:
+        raise ValueError(f"t_max_train={cfg.t_max_train} must be 0 (the whole range) or in ({sched.t_min}, "
+                         f"{sched.t_max}], the times of schedule {cfg.schedule!r}")
     if cfg.log_with:
         from accelerate.utils import LoggerType
 

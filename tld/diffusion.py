@@ -24,7 +24,7 @@ import torch
 
 PREDICTIONS = ("eps", "x0", "v")
 TIME_SAMPLERS = ("uniform", "beta", "logit-normal")
-LOSS_WEIGHTINGS = ("none", "min-snr", "edm")
+LOSS_WEIGHTINGS = ("none", "min-snr", "edm", "x0")
 
 
 def _as_tensor(t) -> torch.Tensor:
@@ -322,6 +322,12 @@ def loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tenso
     divided by 1 / sigma_data^2 so that pure noise weighs 1: 1 + sigma_data^2 SNR (v prediction's weighting
     is the same with sigma_data = 1). Only the weighting: the network is not preconditioned by EDM's c_skip,
     c_out and c_in, and t keeps its own sampler.
+
+    ``weighting="x0"`` weighs the implied x0 error by 1 at every t, whatever the network outputs: x0
+    prediction's weighting on another parameterization. With ``prediction="v"`` the network keeps v's skip
+    from its input (x0_hat = alpha x_t - sigma v_hat, so at low noise x0_hat is nearly x_t and the output
+    head's error is scaled by sigma), while the loss spends its weight on the noisy times, as x0 prediction
+    does, where the shape is decided.
     """
     tgt = target(x0, eps, t, schedule, prediction)
     if pred.shape != tgt.shape:
@@ -332,7 +338,9 @@ def loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tenso
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {LOSS_WEIGHTINGS}")
     snr = schedule.alpha(t).double() ** 2 / schedule.sigma(t).double().clamp_min(1e-12) ** 2
-    if weighting == "edm":
+    if weighting == "x0":
+        w_x0 = torch.ones_like(snr)
+    elif weighting == "edm":
         if not sigma_data > 0:
             raise ValueError(f"edm sigma_data must be > 0, got {sigma_data}")
         w_x0 = 1 + sigma_data**2 * snr

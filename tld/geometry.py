@@ -18,9 +18,14 @@ training with it. It works by analysis by synthesis:
 deliberately distorted ones of ``distorted_batch`` (notched squares, octagons for circles, rounded
 squares, lobed blobs) fail it, where the classifier accepts most of them; tests/test_geometry.py checks
 both. It asks for render precision: an autoencoder's reconstruction of a perfect render already loses
-some (the shipped shapes-t2i codec's reconstructions of 300 renders: median IoU 0.925, against 0.995 for
-the renders themselves), so report ``iou`` and ``wrong_pixels`` (pixels on the wrong side of half
-coverage after the fit) beside ``strict``.
+some (the shipped shapes-t2i codec's reconstructions of 300 renders: median IoU 0.973, 72 % pass, against
+0.994 and 100 % for the renders themselves), so report ``iou`` and ``wrong_pixels`` (pixels on the wrong
+side of half coverage after the fit) beside ``strict``.
+
+Pixel noise is not a shape defect: coverage within ``NOISE_FLOOR`` of either end is clipped (``_floor``), so
+renders with Gaussian noise of std 0.05 still pass (the worst of 300: IoU 0.970) while every distortion
+fails as before. Blur is a softness defect and ``strict`` counts it: after a Gaussian blur of std 0.35 px
+every render passes, 0.5 px 84 %, 0.75 px 18 %.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ from .data import _TRIANGLE_SCALE, SHAPES, ShapesDataset, _signed_distance
 __all__ = ["strict_iou", "fit_shapes", "geometric_accuracy", "distorted_batch", "DISTORTIONS"]
 
 STRICT_EDGE = 1.0   # strict_iou(size) = 1 - STRICT_EDGE / size: a fixed budget of about one pixel of edge
+NOISE_FLOOR = 0.1   # coverage below this counts as background, above 1 - this as the shape (see _floor)
 
 
 def strict_iou(size: int) -> float:
     """The IoU an image of ``size`` px must reach: 0.969 at 32 px, 0.938 at 16 px.
 
     The edge's share of a shape's area grows as 1 / size, and so does the fit's error on a perfect
-    render (the worst of 300 renders: 0.974 at 32 px, 0.940 at 16 px), hence a bound of that form.
+    render (the worst of 300 renders: 0.979 at 32 px, 0.948 at 16 px), hence a bound of that form.
     """
     return 1 - STRICT_EDGE / size
 # area of each ideal shape as a multiple of s^2 (s: the dataset's half-extent)
@@ -64,11 +70,27 @@ def _coverage(images: np.ndarray) -> np.ndarray:
     top = dist >= np.quantile(dist, 0.99, axis=1, keepdims=True)
     colour = (diff * top[:, None]).sum(2) / np.maximum(top.sum(1), 1)[:, None]   # [B, 3]
     proj = (diff * colour[:, :, None]).sum(1) / np.maximum((colour**2).sum(1), 1e-6)[:, None]
-    return np.clip(proj, 0, 1).reshape(b, *images.shape[-2:])
+    return _floor(proj).reshape(b, *images.shape[-2:])
+
+
+def _floor(c):
+    """Coverage with a dead zone of NOISE_FLOOR at each end, stretched back to [0, 1].
+
+    Without it the soft IoU is a measure of pixel noise, not of shape: a shape covers ~5 % of the image,
+    so faint noise over the other 95 % outweighs its edge (renders plus Gaussian noise of std 0.02, 1 %
+    of the range, scored IoU 0.91 and all failed ``strict`` with not one pixel wrong). The ideal shapes
+    go through the same dead zone, so a noiseless render still fits itself.
+    """
+    return np.clip((c - np.float32(NOISE_FLOOR)) / np.float32(1 - 2 * NOISE_FLOOR), 0, 1)
+
+
+def _ideal(shape, xs, ys, cx, cy, s, edge=1.0) -> np.ndarray:
+    """The dataset's ideal ``shape`` with an edge ramp ``edge`` px wide, through the same dead zone as a silhouette."""
+    return _floor(np.clip(np.float32(0.5) - _signed_distance(shape, xs, ys, cx, cy, s) / edge, 0, 1))
 
 
 def _iou(cov, shape, xs, ys, cx, cy, s, edge=1.0) -> np.ndarray:
-    ideal = np.clip(np.float32(0.5) - _signed_distance(shape, xs, ys, cx, cy, s) / edge, 0, 1)
+    ideal = _ideal(shape, xs, ys, cx, cy, s, edge)
     return np.minimum(ideal, cov).sum((-1, -2)) / np.maximum(np.maximum(ideal, cov).sum((-1, -2)), 1e-6)
 
 
@@ -100,8 +122,8 @@ def _fit_one(cov: np.ndarray, shape: str, xs: np.ndarray, ys: np.ndarray) -> tup
     x4, y4 = xs[None, None, None, None], ys[None, None, None, None]
     iou = _iou(cov, shape, x4, y4, cxs, cys, ss, edges)
     i, j, k, e = np.unravel_index(int(iou.argmax()), iou.shape)
-    ideal = np.clip(np.float32(0.5) - _signed_distance(shape, xs, ys, cxs[i, 0, 0, 0, 0, 0], cys[0, j, 0, 0, 0, 0],
-                                                        ss[0, 0, k, 0, 0, 0]) / edges[0, 0, 0, e, 0, 0], 0, 1)
+    ideal = _ideal(shape, xs, ys, cxs[i, 0, 0, 0, 0, 0], cys[0, j, 0, 0, 0, 0], ss[0, 0, k, 0, 0, 0],
+                   edges[0, 0, 0, e, 0, 0])
     return float(iou.max()), ideal
 
 

@@ -43,6 +43,7 @@ ARMS: dict[str, list[str]] = {
     "x0": [],
     "v": ["prediction=v"],
     "eps": ["prediction=eps"],
+    "v+x0-weighting": ["prediction=v", "loss_weighting=x0"],
     "x0+min-snr5": ["loss_weighting=min-snr", "min_snr_gamma=5"],
     "x0+edm-weighting": ["loss_weighting=edm", "edm_sigma_data=0.5"],
     "x0+logit-normal-t": ["time_sampler=logit-normal"],
@@ -86,10 +87,12 @@ def shipped_class_samples(labels, steps: int = 20, guidance: float = 3.0, seed: 
 
 
 @torch.no_grad()
-def score_model(model, per_class: int = 4, steps: int = 30, guidance: float = 3.0, seed: int = 0) -> dict:
+def score_model(model, per_class: int = 4, steps: int = 30, guidance: float = 3.0, seed: int = 0,
+                guidance_interval: tuple[float, float] | None = None) -> dict:
     """Sample ``per_class`` images of every class and read them with both readers."""
     labels = T.sample_grid_labels(model.num_classes, per_class)
-    images = T.generate(model, model.train_config, labels, steps=steps, guidance=guidance, seed=seed, sampler="ddim")
+    images = T.generate(model, model.train_config, labels, steps=steps, guidance=guidance, seed=seed, sampler="ddim",
+                        guidance_interval=guidance_interval)
     return {**read_samples(images, labels), "images": images, "labels": labels}
 
 

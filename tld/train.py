@@ -241,7 +241,8 @@ def step_randomness(cfg: TrainConfig, step: int, shape: tuple, num_classes: int)
     """
     g = _step_generator(cfg.seed, step, 1)
     schedule = diffusion.get_schedule(cfg.schedule)
-    t = diffusion.sample_t(shape[0], cfg.time_sampler, generator=g, t_min=schedule.t_min, t_max=schedule.t_max)
+    t = diffusion.sample_t(shape[0], cfg.time_sampler, generator=g, t_min=schedule.t_min,
+                           t_max=cfg.t_max_train or schedule.t_max)
     eps = torch.randn(shape, generator=g)
     drop = torch.rand(shape[0], generator=g) < cfg.class_dropout if num_classes else None
     return t, eps, drop
@@ -281,12 +282,14 @@ def sample_grid_labels(num_classes: int, per_class: int) -> torch.Tensor:
 
 
 def generate(model: nn.Module, cfg_or_dict, labels: torch.Tensor | None, n: int | None = None, *, steps: int = 50,
-             sampler: str = "ddim", guidance: float = 1.0, seed: int = 0, progress: bool = False) -> torch.Tensor:
+             sampler: str = "ddim", guidance: float = 1.0, seed: int = 0, progress: bool = False,
+             guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
     """Samples in [-1, 1] for class labels (or n unconditional samples), with a training config's schedule
     and prediction (``tld.samplers.generate`` with those read from the config)."""
     c = cfg_or_dict if isinstance(cfg_or_dict, dict) else asdict(cfg_or_dict)
     return generate_samples(model, c["schedule"], prediction=c["prediction"], cond=labels, n=n, steps=steps,
-                            sampler=sampler, guidance=guidance, seed=seed, progress=progress)
+                            sampler=sampler, guidance=guidance, seed=seed, progress=progress,
+                            guidance_interval=guidance_interval)
 
 
 def save_samples(ema: nn.Module, cfg: TrainConfig, num_classes: int, path: Path, per_class: int = 2,
