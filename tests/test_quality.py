@@ -51,3 +51,29 @@ def test_bad_arms_and_options_are_named():
         quality.sweep(["x1"], steps=2)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['step'\]"):
         quality.main(["step=3"])
+
+
+class _Fixed(torch.nn.Module):
+    """A stand-in class model that answers every call with the same images, said as an x0 prediction."""
+
+    def __init__(self, images, size=32):
+        super().__init__()
+        self.images, self.img_size = images, size
+        self.w = torch.nn.Parameter(torch.zeros(()))   # a device to read
+        self.train_config = {"schedule": "vp-cosine", "prediction": "x0", "shapes_positions": ""}
+
+    def forward(self, x, t, y):
+        return self.images if self.images is not None else x
+
+
+def test_one_step_reads_scores_the_denoiser_s_estimate_of_the_clean_renders():
+    renders = ShapesDataset(size=32, seed=7, length=36).batch(range(36))["image"]   # what one_step_reads noises
+    perfect = quality.one_step_reads(_Fixed(renders), t=0.3, n=36)
+    assert perfect["shape"] == 1.0 and perfect["strict"] >= 0.95 and perfect["iou"] > 0.98, perfect
+    # a denoiser that hands x_t back as its estimate leaves the noise in: the same renders now fail
+    lazy = quality.one_step_reads(_Fixed(None), t=0.3, n=36)
+    assert lazy["strict"] == 0.0 and lazy["iou"] < perfect["iou"] - 0.2, lazy
+    # and a soft one (the renders blurred by a 3x3 box) fails strict while still reading the right kind
+    soft = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(renders, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    blurred = quality.one_step_reads(_Fixed(soft), t=0.3, n=36)
+    assert blurred["shape"] >= 0.9 and blurred["strict"] <= 0.2, blurred
