@@ -107,8 +107,7 @@ def one_step_reads(model, t: float = 0.1, n: int = 108, seed: int = 0) -> dict:
     by ``tld.geometry`` against their true shapes. A perfect denoiser scores IoU ~0.99 and strict 1.
     """
     cfg = model.train_config
-    positions = cfg.get("shapes_positions") or ""
-    kw = {"positions": tuple(p.strip() for p in positions.split(","))} if positions else {}
+    kw = T.shapes_positions_kwargs(cfg.get("shapes_positions") or "")
     batch = ShapesDataset(size=model.img_size, seed=7 + seed, length=n, **kw).batch(range(n))
     device = next(model.parameters()).device
     x0, labels = batch["image"].to(device), batch["label"].to(device)

@@ -75,10 +75,15 @@ lr_at = learning_rate
 # ---------------------------------------------------------------------------------------------
 
 
+def shapes_positions_kwargs(positions: str) -> dict:
+    """ShapesDataset's keyword for a config's ``shapes_positions`` ("center", "top,left", ...; "" for all nine)."""
+    return {"positions": tuple(p.strip() for p in positions.split(","))} if positions else {}
+
+
 def build_dataset(cfg: TrainConfig):
     if cfg.dataset == "shapes":
-        kw = {"positions": tuple(p.strip() for p in cfg.shapes_positions.split(","))} if cfg.shapes_positions else {}
-        return ShapesDataset(size=cfg.image_size, seed=cfg.seed, length=cfg.dataset_length, **kw)
+        return ShapesDataset(size=cfg.image_size, seed=cfg.seed, length=cfg.dataset_length,
+                             **shapes_positions_kwargs(cfg.shapes_positions))
     if cfg.dataset == "digits":
         return DigitsDataset(size=cfg.image_size, seed=cfg.seed, channels=3)
     if cfg.dataset == "tensors":
