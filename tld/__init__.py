@@ -20,6 +20,8 @@ LAYERS = {
     "text": 2, "autoencoder": 2, "cache": 2, "runs": 2, "judge": 2, "geometry": 2, "fid": 2,
     # 3: the text-to-image pipeline; the training config, presets and the one key=value parser; real data -> shards
     "pipeline": 3, "config": 3, "prepare": 3,
+    # 3: a run's data side (the dataset a config names, text runs' encoders and cache, the batch order)
+    "training_data": 3,
     # 4: the training loop; 5: evaluating a checkpoint, comparing training recipes; 6: tools on top
     "train": 4, "evaluate": 5, "quality": 5, "demo": 6, "bench": 6, "interop": 6, "course": 6,
 }

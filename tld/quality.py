@@ -35,6 +35,7 @@ from .diffusion import add_noise, convert, get_schedule
 from .geometry import geometric_accuracy
 from .judge import shapes_accuracy
 from .runs import checkpoint_folder, load_model
+from .training_data import shapes_positions_kwargs
 
 __all__ = ["ARMS", "read_samples", "print_reads", "shipped_class_samples", "score_model", "one_step_reads", "run_arm", "sweep", "format_table", "main"]
 
@@ -107,7 +108,7 @@ def one_step_reads(model, t: float = 0.1, n: int = 108, seed: int = 0) -> dict:
     by ``tld.geometry`` against their true shapes. A perfect denoiser scores IoU ~0.99 and strict 1.
     """
     cfg = model.train_config
-    kw = T.shapes_positions_kwargs(cfg.get("shapes_positions") or "")
+    kw = shapes_positions_kwargs(cfg.get("shapes_positions") or "")
     batch = ShapesDataset(size=model.img_size, seed=7 + seed, length=n, **kw).batch(range(n))
     device = next(model.parameters()).device
     x0, labels = batch["image"].to(device), batch["label"].to(device)
