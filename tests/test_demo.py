@@ -38,3 +38,33 @@ def test_export_then_compare_with_a_reference(tmp_path, capsys):
 def test_demo_rejects_bare_words(capsys):
     assert demo.main(["fast"]) == 2
     assert "expected key=value" in capsys.readouterr().err
+
+
+def _tiny_demo_args(tmp_path):
+    return [f"out={tmp_path / 's.png'}", f"out_dir={tmp_path / 'run'}", "model=uvit-tiny", "image_size=16",
+            "max_steps=2", "max_minutes=0", "per_class=1", "steps=2", "progress=false",
+            f"reference={tmp_path / 'no-reference'}"]
+
+
+def test_demo_guides_only_at_high_noise_unless_told_otherwise(tmp_path, monkeypatch, capsys):
+    seen = []
+    generate = T.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("guidance_interval"))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(demo.T, "generate", spy)
+    assert demo.main(_tiny_demo_args(tmp_path)) == 0
+    assert seen[-1] == demo.GUIDANCE_INTERVAL == (0.3, 1.0)   # (the trainer's own sample grid comes first)
+    assert "guidance 3.0 for t in [0.3, 1.0]" in capsys.readouterr().out
+    assert demo.main(_tiny_demo_args(tmp_path) + ["guidance_interval=none", "resume=true"]) == 0
+    assert seen[-1] is None
+    assert "at every step" in capsys.readouterr().out
+
+
+def test_demo_names_a_bad_guidance_interval(tmp_path, capsys):
+    assert demo.main(_tiny_demo_args(tmp_path) + ["guidance_interval=0.5"]) == 2
+    assert "guidance_interval='0.5': expected two times lo,hi" in capsys.readouterr().err
+    assert demo.main(_tiny_demo_args(tmp_path) + ["guidance_interval=0.8,0.2"]) == 2
+    assert "expected 0 <= lo < hi <= 1" in capsys.readouterr().err
