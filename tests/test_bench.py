@@ -151,3 +151,24 @@ def test_lesson12_colab_matches_the_bench(monkeypatch, cuda):
         assert same_config(cfg, bench.colab_config("12_full_training_run", run)) == {}
     assert (cfg.mixed_precision, cfg.deterministic) == (("fp16", True) if cuda else ("no", False))
     assert cfg.model == "uvit-course" and cfg.max_minutes == 0 and spec["steps"] == cfg.max_steps + (cfg.keep_checkpoints - 1) * cfg.save_every
+
+
+def _fast_config(lesson, markers, fakes=None):
+    """The cpu-lesson config that lesson 04 / 05's 'your own model that draws' cell trains at preset='colab'."""
+    ns = run_cells(lesson, markers, {"preset": "colab"}, stop="fast = train(fast_cfg)", fakes=fakes)
+    shutil.rmtree(ns.get("workdir", ""), ignore_errors=True)
+    return ns["fast_cfg"]
+
+
+@pytest.mark.parametrize("lesson", ["04_uvit_long_skips", "05_dit_adaln_zero"])
+def test_the_lessons_model_that_draws_is_in_the_colab_table(cuda_present, lesson):
+    fake = {"train": lambda cfg: {"parameters": 0, "steps": cfg.max_steps, "seconds": 0.0, "final_loss": 0.0}}
+    markers = ["budgets = {", "fast_cfg = TrainConfig("] if lesson.startswith("04") else ["fast_cfg = TrainConfig("]
+    cfg = _fast_config(lesson, markers, fake if lesson.startswith("04") else None)
+    (run, extra), = bench.COLAB_LESSONS[lesson]["extra"].items()
+    assert same_config(cfg, bench.colab_config(lesson, run)) == {}
+    assert cfg.max_steps == extra["steps"] == 1000 and cfg.mixed_precision == "no" and extra["precision"] == "fp32"
+    rows = [r for r in bench.colab_runs() if r["lesson"] == lesson and r["run"] == run]
+    assert len(rows) == 1 and rows[0]["size"] == 16 and rows[0]["steps"] == 1000
+    assert count_parameters(rows[0]["make"]()) == count_parameters(
+        __import__("tld").models.create(cfg.model, **bench.model_kwargs(cfg, bench.build_dataset(cfg))))

@@ -583,19 +583,25 @@ H100_CPU_DEMO_STEPS_PER_S = 28.2
 # Each training lesson's preset="colab" configuration, mirrored from the notebooks (tests/test_bench.py runs
 # the lessons' configuration cells with preset="colab" and CUDA reported present, and checks them against
 # this table: change both together). Lessons that train through tld.train give their key=value arguments;
-# lesson 05 trains by hand, and gives its parameters. ``steps`` is every optimiser step the lesson takes.
+# lesson 05 trains by hand, and gives its parameters. ``steps`` is every optimiser step of one run of ``runs``;
+# ``extra`` holds runs with their own configuration (lessons 04 and 05's cpu-lesson model that draws, the same
+# recipe at every preset: fp32, 1,000 steps).
+CPU_LESSON_DIT = dict(train=["preset=cpu-lesson", "model=dit-course"], steps=1000, precision="fp32",
+                      model_overrides={"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4})   # replace the U-ViT's
 COLAB_LESSONS = {
     "04_uvit_long_skips": dict(
-        precision="fp16", steps=1000, note="three runs, one per skip",
+        precision="fp16", steps=1000, note="three runs, one per skip; the cpu-lesson U-ViT",
         train=["preset=smoke", "max_steps=1000", "batch_size=64", "mixed_precision=fp16", "lr=2e-3",
                "warmup_steps=20", "log_every=10", "prediction=x0", "model.depth=6", "model.embed_dim=48",
                "model.patch_size=2", "model.num_heads=4"],
         runs={"skip=None": ["model.skip=none"], "skip=add": ["model.skip=add"],
-              "skip=concat": ["model.skip=concat"]}),
+              "skip=concat": ["model.skip=concat"]},
+        extra={"cpu-lesson U-ViT": dict(train=["preset=cpu-lesson"], steps=1000, precision="fp32")}),
     "05_dit_adaln_zero": dict(
-        precision="fp32", steps=1500, note="four arms, trained by hand in fp32",
+        precision="fp32", steps=1500, note="four arms, trained by hand in fp32; the cpu-lesson DiT",
         hand=dict(image_size=32, patch_size=4, width=128, depth=4, heads=4, batch_size=32, steps=1500),
-        runs={"in-context": [], "adaLN-Zero": [], "cross-attention (TLD)": [], "TLD, plain MLP": []}),
+        runs={"in-context": [], "adaLN-Zero": [], "cross-attention (TLD)": [], "TLD, plain MLP": []},
+        extra={"cpu-lesson DiT": CPU_LESSON_DIT}),
     "06_training_loop": dict(
         # the hand-written loop (2000) and tld.train's first 200 steps of it, then the short runs of sections 4-6: 3 + 3 (4 x 8
         # accumulated) + 3 (checkpointed) + 40 + 20 + 20 (resumed), counted here at the main run's cost
@@ -616,7 +622,20 @@ COLAB_LESSONS = {
 def colab_config(lesson: str, run: str):
     """The TrainConfig of one run of a tld.train lesson's colab preset (as the lesson builds it on a GPU)."""
     spec = COLAB_LESSONS[lesson]
+    if run in spec.get("extra", {}):
+        x = spec["extra"][run]
+        cfg = config_from_args(x["train"])
+        if "model_overrides" in x:
+            cfg.model_overrides = dict(x["model_overrides"])
+        return cfg
     return config_from_args(spec["train"] + spec["runs"][run])
+
+
+def _config_row(lesson: str, run: str, precision: str, steps: int) -> dict:
+    cfg = colab_config(lesson, run)
+    kw = model_kwargs(cfg, build_dataset(cfg))
+    return dict(lesson=lesson, run=run, make=lambda: create(cfg.model, **kw), batch=cfg.batch_size,
+                size=kw["img_size"], classes=kw["num_classes"], precision=precision, steps=steps)
 
 
 def lesson05_models(hand: dict) -> dict:
@@ -642,13 +661,9 @@ def colab_runs() -> list[dict]:
             for run, make in lesson05_models(h).items():
                 out.append(dict(lesson=lesson, run=run, make=make, batch=h["batch_size"], size=h["image_size"],
                                 classes=18, precision=spec["precision"], steps=spec["steps"]))
-            continue
-        for run in spec["runs"]:
-            cfg = colab_config(lesson, run)
-            kw = model_kwargs(cfg, build_dataset(cfg))
-            out.append(dict(lesson=lesson, run=run, make=lambda cfg=cfg, kw=kw: create(cfg.model, **kw),
-                            batch=cfg.batch_size, size=kw["img_size"], classes=kw["num_classes"],
-                            precision=spec["precision"], steps=spec["steps"]))
+        else:
+            out += [_config_row(lesson, run, spec["precision"], spec["steps"]) for run in spec["runs"]]
+        out += [_config_row(lesson, run, x["precision"], x["steps"]) for run, x in spec.get("extra", {}).items()]
     return out
 
 
