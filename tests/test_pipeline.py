@@ -184,3 +184,19 @@ def test_the_shipped_text_to_image_model_follows_its_prompts():
     assert size < 20 * 2**20, f"the shipped model is {size / 2**20:.1f} MB (limit 20 MB)"
     adh = measure_adherence(TextToImage.from_pretrained(folder), n=32, steps=20)
     assert adh["all"] >= 0.9, adh
+
+
+def test_a_guidance_interval_is_kept_by_the_folder_and_guides_only_inside_it(parts, tmp_path):
+    plain, inside = build(*parts, guidance=4.0), build(*parts, guidance=4.0, guidance_interval=(0.5, 1.0))
+    full, unguided = plain(PROMPTS, steps=4, seed=2), plain(PROMPTS, steps=4, seed=2, guidance=1.0)
+    part = inside(PROMPTS, steps=4, seed=2)
+    assert (part - full).abs().max() > 1e-4 and (part - unguided).abs().max() > 1e-4   # some steps guided, some not
+    torch.testing.assert_close(plain(PROMPTS, steps=4, seed=2, guidance_interval=(0.5, 1.0)), part, rtol=0, atol=0)
+    torch.testing.assert_close(inside(PROMPTS, steps=4, seed=2, guidance_interval=None), full, rtol=0, atol=0)
+    torch.testing.assert_close(plain(PROMPTS, steps=4, seed=2, guidance_interval=(0.0, 1.0)), full, rtol=0, atol=0)
+    inside.save_pretrained(tmp_path / "t2i")
+    assert json.loads((tmp_path / "t2i" / "pipeline.json").read_text())["guidance_interval"] == [0.5, 1.0]
+    torch.testing.assert_close(TextToImage.from_pretrained(tmp_path / "t2i")(PROMPTS, steps=4, seed=2), part)
+    assert "guidance_interval" not in plain.config   # a pipeline without one saves none (old folders load as before)
+    with pytest.raises(ValueError, match=r"0 <= lo < hi <= 1, got \(0.7, 0.2\)"):
+        build(*parts, guidance_interval=(0.7, 0.2))

@@ -43,7 +43,8 @@ __all__ = ["TextToImage", "held_out_captions", "measure_adherence", "adherence_o
 class TextToImage(nn.Module):
     def __init__(self, denoiser: nn.Module, text_encoder, codec, *, denoiser_config: dict,
                  schedule: str = "rectified", prediction: str = "x0", sampler: str = "dpm++2m",
-                 null: str = "empty", guidance: float = 3.0, condition: str = "pooled"):
+                 null: str = "empty", guidance: float = 3.0, condition: str = "pooled",
+                 guidance_interval: tuple[float, float] | None = None):
         super().__init__()
         if "name" not in denoiser_config:
             raise ValueError("denoiser_config must hold the preset 'name' (and its overrides) so the pipeline "
@@ -61,8 +62,15 @@ class TextToImage(nn.Module):
             raise ValueError(f"the denoiser takes {denoiser.in_chans} channels but the codec's latents have "
                              f"{codec.latent_channels}")
         self.denoiser, self.text_encoder, self.codec = denoiser.eval(), text_encoder, codec
+        if guidance_interval is not None:
+            lo, hi = (float(v) for v in guidance_interval)
+            if not 0 <= lo < hi <= 1:
+                raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo < hi <= 1, got {guidance_interval!r}")
+            guidance_interval = [lo, hi]
         self.config = dict(denoiser=dict(denoiser_config), schedule=schedule, prediction=prediction,
                            sampler=sampler, null=null, guidance=guidance, condition=condition)
+        if guidance_interval is not None:   # guide only for t in [lo, hi] (Kynkäänniemi et al. 2024)
+            self.config["guidance_interval"] = guidance_interval
         self.schedule = get_schedule(schedule)
 
     @property
@@ -71,16 +79,24 @@ class TextToImage(nn.Module):
 
     @torch.no_grad()
     def __call__(self, prompts, steps: int = 20, guidance: float | None = None, seed: int = 0,
-                 output: str = "pt", sampler: str | None = None, progress: bool = False):
-        """Images [B, 3, H, W] in [0, 1] (output='pt') or a list of PIL images (output='pil')."""
+                 output: str = "pt", sampler: str | None = None, progress: bool = False,
+                 guidance_interval: tuple[float, float] | None | str = "config"):
+        """Images [B, 3, H, W] in [0, 1] (output='pt') or a list of PIL images (output='pil').
+
+        ``guidance_interval=(lo, hi)`` guides only for t in [lo, hi] (one unguided call per step elsewhere);
+        ``None`` guides at every step; by default the pipeline's own (``config["guidance_interval"]``, if any).
+        """
         if output not in ("pt", "pil"):
             raise ValueError(f"output must be 'pt' or 'pil', got {output!r}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         guidance = self.config["guidance"] if guidance is None else float(guidance)
+        interval = self.config.get("guidance_interval") if isinstance(guidance_interval, str) else guidance_interval
+        if isinstance(guidance_interval, str) and guidance_interval != "config":
+            raise ValueError(f"guidance_interval must be (lo, hi), None or 'config', got {guidance_interval!r}")
         cond, null = self.condition(prompts)
         z = generate(self.denoiser, self.schedule, prediction=self.config["prediction"], cond=cond, null_cond=null,
                      steps=steps, sampler=sampler or self.config["sampler"], guidance=guidance, seed=seed,
-                     clamp=False, progress=progress)
+                     clamp=False, progress=progress, guidance_interval=interval)
         images = ((self.codec.decode(z).float().clamp(-1, 1) + 1) / 2).cpu()
         if output == "pt":
             return images
