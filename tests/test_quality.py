@@ -26,7 +26,7 @@ def test_a_sweep_trains_each_arm_with_its_keys_and_scores_every_checkpoint(tmp_p
     rows = quality.sweep(["x0", "v"], steps=4, evals=2, root=tmp_path, per_class=1)
     assert [(r["arm"], r["step"]) for r in rows] == [("x0", 2), ("x0", 4), ("v", 2), ("v", 4)]
     for r in rows:
-        for k in ("color", "shape", "both", "geo_shape", "strict", "iou"):
+        for k in ("color", "shape", "both", "geo_shape", "strict", "iou", "floor"):
             assert 0.0 <= r[k] <= 1.0, (k, r)
         assert r["minutes"] > 0 and r["steps_per_s"] > 0
     # each arm is cpu-demo with its own keys changed, and nothing else

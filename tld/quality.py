@@ -10,7 +10,9 @@ same number of steps, checkpointed ``evals`` times along the way. Each checkpoin
 
 - the shapes classifier (`tld.judge`): color, shape and both;
 - the geometric reader (`tld.geometry`): the shape read by fitting the ideal outlines, and ``strict``, the
-  fraction read right *and* fitting at render precision (IoU >= ``strict_iou``).
+  fraction read right *and* fitting at render precision (IoU >= ``strict_iou``);
+- ``floor``: the IoU of the denoiser's one-step x0 estimate from perfect renders noised to t = 0.1
+  (``one_step_reads``), a bound on how crisp its samples can get that no sampler setting lifts.
 
 The table gives the training minutes each checkpoint took on this machine. On a shared machine the
 minutes move with the load while the steps do not, so compare arms at equal steps, and their speed by
@@ -56,6 +58,9 @@ ARMS: dict[str, list[str]] = {
     "x0+all-positions": ["shapes_positions=" + ",".join(POSITIONS)],
     "x0+wide192-depth4": ["model.embed_dim=192", "model.depth=4", "model.num_heads=6"],
 }
+
+
+FLOOR_T = 0.1   # the noise level of the table's ``floor`` column
 
 
 def read_samples(images, labels, colors=DEFAULT_COLORS) -> dict:
@@ -135,10 +140,12 @@ def run_arm(name: str, keys: list[str], steps: int, evals: int, root: Path, thre
         folder = checkpoint_folder(root / name, step)
         if not folder.exists():
             continue
-        s = score_model(load_model(folder), per_class=per_class)
+        model = load_model(folder)
+        s = score_model(model, per_class=per_class)
         rows.append({"arm": name, "step": step, "minutes": seconds.get(step, summary["seconds"]) / 60,
                      "steps_per_s": summary["steps_per_second"], **{k: v for k, v in s.items()
-                                                                     if k not in ("images", "labels")}})
+                                                                     if k not in ("images", "labels")},
+                     "floor": one_step_reads(model, FLOOR_T)["iou"]})
     return rows
 
 
@@ -162,12 +169,13 @@ def sweep(arms=None, steps: int = 600, evals: int = 3, threads: int = 0, root=No
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'arm':<20}{'step':>6}{'min':>7}{'steps/s':>9}   {'classifier: color':>17}{'shape':>7}{'both':>7}"
-            f"   {'geometry: shape':>15}{'strict':>8}{'IoU':>7}")
+            f"   {'geometry: shape':>15}{'strict':>8}{'IoU':>7}{'floor':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['arm']:<20}{r['step']:>6}{r['minutes']:>7.1f}{r['steps_per_s']:>9.2f}   "
                      f"{r['color']:>17.3f}{r['shape']:>7.3f}{r['both']:>7.3f}   "
-                     f"{r['geo_shape']:>15.3f}{r['strict']:>8.3f}{r['iou']:>7.3f}")
+                     f"{r['geo_shape']:>15.3f}{r['strict']:>8.3f}{r['iou']:>7.3f}"
+                     + (f"{r['floor']:>7.3f}" if "floor" in r else ""))
     return "\n".join(lines)
 
 
