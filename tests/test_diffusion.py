@@ -12,6 +12,7 @@ from tld.diffusion import (
     SCHEDULES,
     add_noise,
     convert,
+    edm_coefficients,
     get_schedule,
     loss,
     sample_t,
@@ -170,6 +171,31 @@ def test_convert_round_trips_and_maps_true_target_to_true_target(name, src, dst)
     torch.testing.assert_close(got, target(x0, eps, t, s, dst), rtol=1e-9, atol=1e-9)
 
 
+def test_edm_preconditioning_is_v_at_sigma_data_one_and_skips_its_input_at_low_noise():
+    s = get_schedule("vp-cosine")
+    x0, eps, t, x_t = _example("vp-cosine")
+    a, sg = s.alpha(t)[:, None, None, None], s.sigma(t)[:, None, None, None]
+    # Karras et al. 2022, Table 1, on the VE level s = sigma / alpha of x_t / alpha
+    s_ve, sd = sg / a, 0.5
+    c_skip, c_out = edm_coefficients(a, sg, sd)
+    torch.testing.assert_close(c_skip * a, sd**2 / (s_ve**2 + sd**2))
+    torch.testing.assert_close(c_out, s_ve * sd / (s_ve**2 + sd**2).sqrt())
+    # sigma_data = 1 on a VP schedule: x0_hat = alpha x_t + sigma F, i.e. v prediction with F = -v
+    one_skip, one_out = edm_coefficients(a, sg, 1.0)
+    torch.testing.assert_close(one_skip, a)
+    torch.testing.assert_close(one_out, sg)
+    # the target F = (x0 - c_skip x_t) / c_out, and F = 0 says "x0 is c_skip x_t": at low noise nearly x_t
+    f = target(x0, eps, t, s, "edm")
+    torch.testing.assert_close(convert(f, x_t, t, s, "edm", "x0"), x0, rtol=1e-9, atol=1e-9)
+    low = torch.full((6,), 0.01, dtype=torch.float64)
+    x_low = add_noise(x0, eps, low, s)
+    assert (convert(torch.zeros_like(x0), x_low, low, s, "edm", "x0") - x0).abs().max() < 6 * s.sigma(low)[0]
+    high = torch.full((6,), 1.0, dtype=torch.float64)
+    torch.testing.assert_close(convert(torch.ones_like(x0), add_noise(x0, eps, high, s), high, s, "edm", "x0"),
+                               torch.full_like(x0, float(s.sigma(high)[0]) * sd / (s.sigma(high)[0] ** 2 + sd**2 * s.alpha(high)[0] ** 2).sqrt()),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_v_target_is_alpha_eps_minus_sigma_x0():
     s = get_schedule("vp-cosine")
     x0, eps, t, _ = _example("vp-cosine")
@@ -259,7 +285,7 @@ def test_each_prediction_loss_is_the_x0_error_times_x0_error_scale(name):
     x_t = add_noise(x0, eps, t, sched)
     x0_hat = x0 + 0.3 * torch.randn(x0.shape, generator=g, dtype=torch.float64)   # one wrong guess of x0
     err_x0 = (x0_hat - x0).pow(2).flatten(1).mean(1)
-    for prediction in ("eps", "x0", "v"):
+    for prediction in ("eps", "x0", "v", "edm"):
         pred = convert(x0_hat, x_t, t, sched, "x0", prediction)   # the same guess, said in that prediction
         got = loss(pred, x0, eps, t, sched, prediction).double()
         torch.testing.assert_close(got, err_x0 * x0_error_scale(t, sched, prediction), rtol=1e-4, atol=1e-9)

@@ -54,6 +54,8 @@ class TrainConfig:
     class_dropout: float = 0.1  # classifier-free guidance: labels replaced by the null class
     # diffusion
     schedule: str = "vp-cosine"
+    # eps | x0 | v | edm (EDM's preconditioning: x0_hat = c_skip x_t + c_out F with sigma_data 0.5,
+    # tld.diffusion.edm_coefficients; with loss_weighting=none its loss is EDM's)
     prediction: str = "v"
     time_sampler: str = "uniform"
     # train only on times t <= t_max_train (0: the schedule's own t_max): a low-noise expert, as eDiff-I's

@@ -22,7 +22,8 @@ import math
 
 import torch
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "edm")
+EDM_SIGMA_DATA = 0.5   # prediction="edm": EDM's preconditioning with its sigma_data (Karras et al. 2022)
 TIME_SAMPLERS = ("uniform", "beta", "logit-normal")
 LOSS_WEIGHTINGS = ("none", "min-snr", "edm", "x0")
 
@@ -209,12 +210,28 @@ def _check_prediction(prediction: str) -> None:
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
 
 
+def edm_coefficients(alpha: torch.Tensor, sigma: torch.Tensor, sigma_data: float = EDM_SIGMA_DATA):
+    """(c_skip, c_out) of EDM's preconditioning (Karras et al. 2022) on x_t = alpha x0 + sigma eps:
+    the network's output F gives x0_hat = c_skip x_t + c_out F.
+
+    EDM writes it on x_t / alpha = x0 + s eps, s = sigma / alpha: D = s_d^2 / (s^2 + s_d^2) (x_t / alpha)
+    + s s_d / sqrt(s^2 + s_d^2) F. Multiplied out, c_skip = s_d^2 alpha / (sigma^2 + s_d^2 alpha^2) and
+    c_out = sigma s_d / sqrt(sigma^2 + s_d^2 alpha^2). At low noise x0_hat is nearly x_t and F's error is
+    scaled by sigma (like v); at pure noise c_skip = 0 and F is x0 / s_d (like x0). On a VP schedule,
+    s_d = 1 gives c_skip = alpha, c_out = sigma: v prediction with F = -v. The input is not rescaled (EDM's
+    c_in): a VP x_t already has unit scale.
+    """
+    d = sigma**2 + sigma_data**2 * alpha**2
+    return sigma_data**2 * alpha / d, sigma * sigma_data / d.sqrt()
+
+
 def convert(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: Schedule,
             src: str, dst: str) -> torch.Tensor:
-    """Turn a model output of kind ``src`` into kind ``dst`` (each of eps, x0, v).
+    """Turn a model output of kind ``src`` into kind ``dst`` (each of eps, x0, v, edm).
 
     With x_t = a x0 + s eps and v = a eps - s x0 (Salimans & Ho 2022), for any schedule:
-    x0 = (a x_t - s v) / (a^2 + s^2) and eps = (s x_t + a v) / (a^2 + s^2).
+    x0 = (a x_t - s v) / (a^2 + s^2) and eps = (s x_t + a v) / (a^2 + s^2). ``edm`` is the output F of
+    EDM's preconditioned network, x0 = c_skip x_t + c_out F (``edm_coefficients``).
     """
     _check_prediction(src)
     _check_prediction(dst)
@@ -231,6 +248,10 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: Sc
     elif src == "x0":
         x0 = pred
         eps = (x_t - a * x0) / s
+    elif src == "edm":
+        c_skip, c_out = edm_coefficients(a, s)
+        x0 = c_skip * x_t + c_out * pred
+        eps = (x_t - a * x0) / s
     else:
         norm = a * a + s * s
         x0 = (a * x_t - s * pred) / norm
@@ -240,6 +261,9 @@ def convert(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: Sc
         return x0
     if dst == "eps":
         return eps
+    if dst == "edm":
+        c_skip, c_out = edm_coefficients(a, s)
+        return (x0 - c_skip * x_t) / c_out
     return a * eps - s * x0
 
 
@@ -255,6 +279,9 @@ def target(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, schedule: Sched
     if prediction == "x0":
         return x0
     a, s = _bcast(schedule.alpha(t), x0), _bcast(schedule.sigma(t), x0)
+    if prediction == "edm":
+        c_skip, c_out = edm_coefficients(a, s)
+        return (x0 - c_skip * (a * x0 + s * eps)) / c_out
     return a * eps - s * x0
 
 
@@ -296,12 +323,15 @@ def x0_error_scale(t: torch.Tensor, schedule: Schedule, prediction: str) -> torc
     gives eps_hat - eps = -(alpha / sigma)(x0_hat - x0), and v = alpha eps - sigma x0 gives
     v_hat - v = -((alpha^2 + sigma^2) / sigma)(x0_hat - x0). So the eps, x0 and v losses are one loss, the
     x0 error, weighted per t by SNR = alpha^2 / sigma^2, 1 and (alpha^2 + sigma^2)^2 / sigma^2 (SNR + 1 on a
-    VP schedule; Kingma et al. 2021 and Hang et al. 2023 write the same identity).
+    VP schedule; Kingma et al. 2021 and Hang et al. 2023 write the same identity). EDM's F errs by the x0
+    error over c_out, so its loss weighs the x0 error by 1 / c_out^2 (EDM's own lambda, Karras et al. 2022).
     """
     _check_prediction(prediction)
     a, s = schedule.alpha(t).double(), schedule.sigma(t).double()
     if prediction == "x0":
         return torch.ones_like(a)
+    if prediction == "edm":
+        return edm_coefficients(a, s)[1] ** -2
     if prediction == "eps":
         return a**2 / s**2
     return (a**2 + s**2) ** 2 / s**2

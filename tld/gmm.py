@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from .diffusion import PREDICTIONS, Schedule, get_schedule
+from .diffusion import PREDICTIONS, Schedule, edm_coefficients, get_schedule
 
 
 class GMM:
@@ -108,6 +108,9 @@ class GMM:
                 x0 = torch.where(is_cond[:, None], conditional.x0_mean(xf, a, s), x0)
             if prediction == "x0":
                 out = x0
+            elif prediction == "edm":
+                c_skip, c_out = edm_coefficients(a, s)
+                out = (x0 - c_skip * xf) / c_out
             else:
                 # eps from x0 needs sigma > 0; at sigma = 0 the posterior is exact and eps is moot
                 eps = (xf - a * x0) / s.clamp(min=1e-300)

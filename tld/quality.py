@@ -50,6 +50,7 @@ ARMS: dict[str, list[str]] = {
     "v+x0-weighting": ["prediction=v", "loss_weighting=x0"],
     "x0+min-snr5": ["loss_weighting=min-snr", "min_snr_gamma=5"],
     "x0+edm-weighting": ["loss_weighting=edm", "edm_sigma_data=0.5"],
+    "edm-precond": ["prediction=edm"],
     "x0+logit-normal-t": ["time_sampler=logit-normal"],
     "x0+lr4e-3": ["lr=4e-3"],
     "x0+batch32": ["batch_size=32"],
