@@ -31,17 +31,17 @@ def run(model, guidance, prediction="eps", guidance_space=None, n=256, schedule=
                   guidance_space=guidance_space, progress=False)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "edm"])
 def test_guidance_in_eps_space_equals_guidance_in_x0_space(prediction):
     model = guided_model(prediction)
-    outs = {space: run(model, 3.0, prediction, space) for space in ("eps", "x0", "v")}
-    torch.testing.assert_close(outs["eps"], outs["x0"], atol=1e-9, rtol=0)
-    torch.testing.assert_close(outs["eps"], outs["v"], atol=1e-9, rtol=0)
+    outs = {space: run(model, 3.0, prediction, space) for space in ("eps", "x0", "v", "edm")}
+    for space in ("x0", "v", "edm"):
+        torch.testing.assert_close(outs["eps"], outs[space], atol=1e-9, rtol=0)
 
 
 def test_guided_samples_agree_across_model_prediction_types():
     ref = run(guided_model("eps"), 4.0, "eps")
-    for prediction in ("x0", "v"):
+    for prediction in ("x0", "v", "edm"):
         torch.testing.assert_close(run(guided_model(prediction), 4.0, prediction), ref, atol=1e-9, rtol=0)
 
 

@@ -82,7 +82,7 @@ def test_every_prediction_type_gives_the_same_samples(problems, schedule):
     gmm, noise, ref = problems[schedule]
     t_max = 0.999  # eps cannot give x0 where alpha = 0 (rectified at t = 1)
     outs = [sample(gmm.model(schedule, p), noise, schedule, sampler="dpm++2m", steps=15, prediction=p, t_max=t_max,
-                   progress=False) for p in ("eps", "x0", "v")]
+                   progress=False) for p in ("eps", "x0", "v", "edm")]
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], atol=1e-9, rtol=0)
     assert rms_error(outs[0], ref) < 0.05

@@ -222,7 +222,7 @@ def edm_coefficients(alpha: torch.Tensor, sigma: torch.Tensor, sigma_data: float
     c_in): a VP x_t already has unit scale.
     """
     d = sigma**2 + sigma_data**2 * alpha**2
-    return sigma_data**2 * alpha / d, sigma * sigma_data / d.sqrt()
+    return sigma_data**2 * alpha / d, sigma * sigma_data / d**0.5   # tensors or floats
 
 
 def convert(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: Schedule,

@@ -26,6 +26,7 @@ from .diffusion import (
     PREDICTIONS,
     Schedule,
     convert,
+    edm_coefficients,
     get_schedule,
     learned_log_variance,
     split_learned_variance,
@@ -126,6 +127,9 @@ def _split(out, x, a: float, s: float, prediction: str):
         return _lincomb(x, inv_a, (out, -s * inv_a)), out
     if prediction == "x0":  # eps = (x - alpha x0) / sigma; at sigma = 0 eps is unused: zeros, not 0/0
         return out, _lincomb(x, 1.0 / s, (out, -a / s)) if s > 0 else torch.zeros_like(out)
+    if prediction == "edm":  # x0 = c_skip x + c_out F (EDM's preconditioning), then as for x0
+        c_skip, c_out = edm_coefficients(a, s)
+        return _split(_lincomb(x, c_skip, (out, c_out)), x, a, s, "x0")
     norm = a * a + s * s  # v = alpha eps - sigma x0 (Salimans & Ho 2022)
     return _lincomb(x, a / norm, (out, -s / norm)), _lincomb(x, s / norm, (out, a / norm))
 
@@ -135,6 +139,9 @@ def _as(x0, eps, x, a: float, s: float, space: str):
         return x0
     if space == "eps":
         return eps
+    if space == "edm":
+        c_skip, c_out = edm_coefficients(a, s)
+        return (x0 - c_skip * x) / c_out
     return a * eps - s * x0
 
 
