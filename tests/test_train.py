@@ -61,6 +61,15 @@ def test_keys_and_model_overrides_parse():
     assert cfg.model == "uvit-tiny"  # from the preset
 
 
+def test_another_model_drops_the_preset_s_model_overrides():
+    # cpu-lesson's overrides (patch_size, conv_mlp, ...) are U-ViT arguments that a U-DiT does not take
+    assert T.config_from_args(["preset=cpu-lesson"]).model_overrides["conv_mlp"] is False
+    udit = T.config_from_args(["preset=cpu-lesson", "model=udit-course", "model.embed_dim=16"])
+    assert (udit.model, udit.model_overrides, udit.image_size) == ("udit-course", {"embed_dim": 16}, 16)
+    same = T.config_from_args(["preset=cpu-lesson", "model=uvit-course", "model.depth=2"])
+    assert same.model_overrides == {"patch_size": 4, "embed_dim": 64, "depth": 2, "conv_mlp": False}
+
+
 def test_cli_reports_errors_without_a_traceback():
     out = subprocess.run([sys.executable, "-m", "tld.train", "preset=nope"], capture_output=True, text=True)
     assert out.returncode == 2

@@ -63,7 +63,26 @@ def test_rep_ffn_merge_is_exact_per_module():
         for p in ffn.parameters():
             p.normal_(0, 0.2)
     x = torch.randn(2, 8, 6, 6)
-    torch.testing.assert_close(ffn.merged()(x), ffn(x), atol=1e-5, rtol=1e-5)
+    textbook = ffn.forward_branches(x)   # one convolution per branch, as U-DiT writes it
+    torch.testing.assert_close(ffn.merged()(x), textbook, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ffn(x), textbook, atol=1e-5, rtol=1e-5)
+
+
+def test_rep_ffn_folded_training_forward_gives_every_weight_the_branches_gradient():
+    torch.manual_seed(0)
+    ffn = RepFFN(8, 2.0)
+    with torch.no_grad():
+        for p in ffn.parameters():
+            p.normal_(0, 0.2)
+    x, target = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+    grads = []
+    for forward in (ffn.forward, ffn.forward_branches):
+        ffn.zero_grad()
+        (forward(x) - target).pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in ffn.named_parameters()})
+    assert len(grads[0]) == 14 and all(g.abs().max() > 0 for g in grads[1].values())   # 7 convs, each trained
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_subgrid_split_takes_every_second_pixel_and_inverts():

@@ -586,8 +586,8 @@ H100_CPU_DEMO_STEPS_PER_S = 28.2
 # lesson 05 trains by hand, and gives its parameters. ``steps`` is every optimiser step of one run of ``runs``;
 # ``extra`` holds runs with their own configuration (lessons 04 and 05's cpu-lesson model that draws, the same
 # recipe at every preset: fp32, 1,000 steps).
-CPU_LESSON_DIT = dict(train=["preset=cpu-lesson", "model=dit-course"], steps=1000, precision="fp32",
-                      model_overrides={"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4})   # replace the U-ViT's
+CPU_LESSON_DIT = dict(train=["preset=cpu-lesson", "model=dit-course", "model.patch_size=4", "model.embed_dim=64",
+                             "model.depth=4", "model.num_heads=4"], steps=1000, precision="fp32")
 COLAB_LESSONS = {
     "04_uvit_long_skips": dict(
         precision="fp16", steps=1000, note="three runs, one per skip; the cpu-lesson U-ViT",
@@ -623,11 +623,7 @@ def colab_config(lesson: str, run: str):
     """The TrainConfig of one run of a tld.train lesson's colab preset (as the lesson builds it on a GPU)."""
     spec = COLAB_LESSONS[lesson]
     if run in spec.get("extra", {}):
-        x = spec["extra"][run]
-        cfg = config_from_args(x["train"])
-        if "model_overrides" in x:
-            cfg.model_overrides = dict(x["model_overrides"])
-        return cfg
+        return config_from_args(spec["extra"][run]["train"])
     return config_from_args(spec["train"] + spec["runs"][run])
 
 

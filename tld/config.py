@@ -293,6 +293,7 @@ def config_from_args(args: list[str]) -> TrainConfig:
             if v not in PRESETS:
                 raise ValueError(f"unknown preset {v!r}; available: {', '.join(sorted(PRESETS))}")
             values.update(PRESETS[v])
+    preset_model = values.get("model")
     overrides = {}
     names = {f.name: f for f in fields(TrainConfig)}
     for k, v in pairs:
@@ -306,6 +307,9 @@ def config_from_args(args: list[str]) -> TrainConfig:
                              f"(and model.<arg> for model constructor overrides)")
         values[k] = _coerce(names[k], v)
     cfg = TrainConfig(**values)
+    if preset_model is not None and cfg.model != preset_model and "model_overrides" not in dict(pairs):
+        # a preset's model.<arg> overrides are its own model's arguments: another model= starts from none
+        cfg.model_overrides = {}
     cfg.model_overrides = {**cfg.model_overrides, **overrides}
     validate(cfg)
     return cfg

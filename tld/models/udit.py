@@ -119,31 +119,38 @@ class RepFFN(nn.Module):
         self.out1, self.out2 = nn.Conv2d(hidden, hidden // 2, 1), nn.Conv2d(hidden // 2, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The branches are folded on the fly (OREPA-style): 3 convolutions instead of 7, the same function and,
+        # by the chain rule, the same gradient for every trained weight; ``forward_branches`` is the textbook form
+        (w_in, b_in), (kernel, b_dw), (w_out, b_out) = self._folded()
+        h = F.gelu(F.conv2d(x, w_in, b_in))
+        h = F.conv2d(h, kernel, b_dw, padding=2, groups=kernel.shape[0])
+        return F.conv2d(h, w_out, b_out)
+
+    def forward_branches(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN as U-DiT writes it, one convolution per branch (equal to ``forward`` up to rounding)."""
         h = F.gelu(self.in2(self.in1(x)))
         h = h + self.dw5(h) + self.dw3(h) + self.dw1(h)
         return self.out2(self.out1(h))
 
-    @torch.no_grad()
-    def merged(self) -> MergedFFN:
-        """A new MergedFFN with the same function; reads this module's weights, never writes them."""
+    def _folded(self):
+        """The weights of the equivalent 1x1, depthwise 5x5, 1x1 (differentiable in the trained weights)."""
         def fold_1x1(first: nn.Conv2d, second: nn.Conv2d):
             w1, w2 = first.weight[:, :, 0, 0], second.weight[:, :, 0, 0]
             return (w2 @ w1)[:, :, None, None], w2 @ first.bias + second.bias
 
+        # identity + dw5 + dw3 + dw1 = one dw5 with the smaller kernels (and a 1) added at its centre
+        kernel = self.dw5.weight + F.pad(self.dw3.weight, (1, 1, 1, 1)) + F.pad(self.dw1.weight + 1.0, (2, 2, 2, 2))
+        bias = self.dw5.bias + self.dw3.bias + self.dw1.bias
+        return fold_1x1(self.in1, self.in2), (kernel, bias), fold_1x1(self.out1, self.out2)
+
+    @torch.no_grad()
+    def merged(self) -> MergedFFN:
+        """A new MergedFFN with the same function; reads this module's weights, never writes them."""
         dim, hidden = self.in1.in_channels, self.dw5.out_channels
         m = MergedFFN(dim, hidden).to(self.dw5.weight)
-        w, b = fold_1x1(self.in1, self.in2)
-        m.fc1.weight.copy_(w)
-        m.fc1.bias.copy_(b)
-        # identity + dw5 + dw3 + dw1 = one dw5 with the smaller kernels added at its centre
-        kernel = self.dw5.weight.clone()
-        kernel[:, :, 1:4, 1:4] += self.dw3.weight
-        kernel[:, :, 2:3, 2:3] += self.dw1.weight + 1.0
-        m.dwconv.weight.copy_(kernel)
-        m.dwconv.bias.copy_(self.dw5.bias + self.dw3.bias + self.dw1.bias)
-        w, b = fold_1x1(self.out1, self.out2)
-        m.fc2.weight.copy_(w)
-        m.fc2.bias.copy_(b)
+        for (w, b), conv in zip(self._folded(), (m.fc1, m.dwconv, m.fc2)):
+            conv.weight.copy_(w)
+            conv.bias.copy_(b)
         return m
 
 
