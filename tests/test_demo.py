@@ -68,3 +68,22 @@ def test_demo_names_a_bad_guidance_interval(tmp_path, capsys):
     assert "guidance_interval='0.5': expected two times lo,hi" in capsys.readouterr().err
     assert demo.main(_tiny_demo_args(tmp_path) + ["guidance_interval=0.8,0.2"]) == 2
     assert "expected 0 <= lo < hi <= 1" in capsys.readouterr().err
+
+
+def test_export_in_fp16_halves_the_file_and_loads_as_float32(tmp_path):
+    import torch
+
+    from tld.runs import load_model
+
+    run = tmp_path / "ref-run"
+    T.train(T.config_from_args(["preset=smoke", f"out_dir={run}", "progress=false", "max_steps=3"]))
+    full, half = demo.export(run, tmp_path / "full"), None
+    assert demo.main(["export", str(run), str(tmp_path / "half"), "--fp16"]) == 0
+    half = tmp_path / "half"
+    size = {p.name: (p / "model.safetensors").stat().st_size for p in (full, half)}
+    assert 0.45 < size["half"] / size["full"] < 0.55, size
+    a, b = load_model(full), load_model(half)
+    assert json.loads((half / "config.json").read_text())["stored_dtype"] == "float16"
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert pb.dtype == pa.dtype == torch.float32, name
+        torch.testing.assert_close(pb, pa.half().float(), rtol=0, atol=0)   # exactly the fp16 rounding

@@ -87,15 +87,20 @@ def labelled_grid(panels: list[tuple[str, torch.Tensor]], labels: torch.Tensor, 
     return canvas
 
 
-def export(checkpoint, dest) -> Path:
+def export(checkpoint, dest, fp16: bool = False) -> Path:
     """Write a checkpoint's EMA weights and its config into ``dest`` (what ships in tld/assets):
-    config.json + model.safetensors, atomically, keeping the folder's README.md."""
+    config.json + model.safetensors, atomically, keeping the folder's README.md. ``fp16`` stores the
+    weights in half precision (half the bytes; ``load_model`` casts them back to the model's float32)."""
     src = Path(checkpoint)
     if (src / "checkpoints").exists():
         src = latest_checkpoint(src)
     meta, states = io.load_state(src, "ema")
     meta.pop("optimizer", None)   # an exported model carries no optimizer state
-    io.save_state(dest, meta, keep=("README.md",), model=states["ema"])
+    weights = states["ema"]
+    if fp16:
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+        meta["stored_dtype"] = "float16"
+    io.save_state(dest, meta, keep=("README.md",), model=weights)
     load_model(dest)  # fails loudly if what was written does not load
     return Path(dest)
 
@@ -103,10 +108,12 @@ def export(checkpoint, dest) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
-        if len(argv) != 3:
-            print("usage: python -m tld.demo export <run or checkpoint folder> <destination>", file=sys.stderr)
+        fp16 = "--fp16" in argv
+        args = [a for a in argv[1:] if a != "--fp16"]
+        if len(args) != 2:
+            print("usage: python -m tld.demo export <run or checkpoint folder> <destination> [--fp16]", file=sys.stderr)
             return 2
-        print(f"exported to {export(argv[1], argv[2])}")
+        print(f"exported to {export(args[0], args[1], fp16=fp16)}")
         return 0
     try:
         opts = dict(parse_key_values(argv, hint=" (e.g. max_minutes=2 out=samples.png)"))
