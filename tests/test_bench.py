@@ -18,7 +18,8 @@ LESSONS = tuple(bench.COLAB_LESSONS)
 def test_the_colab_bench_prints_a_row_per_training_lesson(capsys):
     bench.main(["colab", "--flop-batch", "2", "--repeats", "0"])
     out = capsys.readouterr().out
-    assert set(LESSONS) == {"04_uvit_long_skips", "05_dit_adaln_zero", "06_training_loop", "12_full_training_run"}
+    assert set(LESSONS) == {"04_uvit_long_skips", "05_dit_adaln_zero", "06_training_loop", "11_udit_downsampled_tokens",
+                            "12_full_training_run"}
     summary = out.split("lesson (all its runs)")[1]
     for lesson in LESSONS:
         (line,) = [ln for ln in summary.splitlines() if ln.startswith(lesson)]
@@ -172,3 +173,12 @@ def test_the_lessons_model_that_draws_is_in_the_colab_table(cuda_present, lesson
     assert len(rows) == 1 and rows[0]["size"] == 16 and rows[0]["steps"] == 1000
     assert count_parameters(rows[0]["make"]()) == count_parameters(
         __import__("tld").models.create(cfg.model, **bench.model_kwargs(cfg, bench.build_dataset(cfg))))
+
+
+def test_lesson11_colab_matches_the_bench(cuda_present):
+    ns = run_cells("11_udit_downsampled_tokens", ["quick_cfg = TrainConfig("], {"preset": "colab"},
+                   stop="quick = train(quick_cfg)")
+    spec = bench.COLAB_LESSONS["11_udit_downsampled_tokens"]
+    (run,) = spec["runs"]
+    assert same_config(ns["quick_cfg"], bench.colab_config("11_udit_downsampled_tokens", run)) == {}
+    assert ns["quick_cfg"].max_steps == spec["steps"] == 1000 and ns["quick_cfg"].mixed_precision == "no"
