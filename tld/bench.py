@@ -783,7 +783,7 @@ def bench_colab(argv=None) -> dict:
     print(f"({args.threads} thread(s)), and estimates for a Colab T4 from the FLOPs and the operator count: "
           f"no GPU measured.")
     times = f"{'T4 100%':>8s} {'T4 25%':>8s} {'host':>8s} {'T4 est.':>8s}"
-    print(f"{'lesson':21s} {'run':22s} {'params':>9s} {'batch':>5s} {'GFLOP/step':>10s} {'prec':>4s} "
+    print(f"{'lesson':26s} {'run':22s} {'params':>9s} {'batch':>5s} {'GFLOP/step':>10s} {'prec':>4s} "
           f"{'CPU s/step':>10s} {'steps':>6s} {'TFLOP':>6s} {times}")
 
     def spans(r):
@@ -791,12 +791,12 @@ def bench_colab(argv=None) -> dict:
                                                               "t4_estimate_s"))
 
     for r in res["rows"]:
-        print(f"{r['lesson']:21s} {r['run']:22s} {r['params']:>9,} {r['batch']:>5d} {r['gflop_per_step']:>10.2f} "
+        print(f"{r['lesson']:26s} {r['run']:22s} {r['params']:>9,} {r['batch']:>5d} {r['gflop_per_step']:>10.2f} "
               f"{r['precision']:>4s} {r['cpu_s_per_step']:>10.2f} {r['steps']:>6d} {r['tflop']:>6.1f} {spans(r)}")
     print()
-    print(f"{'lesson (all its runs)':21s} {'':67s} {'steps':>6s} {'TFLOP':>6s} {times}")
+    print(f"{'lesson (all its runs)':26s} {'':67s} {'steps':>6s} {'TFLOP':>6s} {times}")
     for name, a in res["lessons"].items():
-        print(f"{name:21s} {COLAB_LESSONS[name]['note']:67s} {a['steps']:>6d} {a['tflop']:>6.1f} {spans(a)}")
+        print(f"{name:26s} {COLAB_LESSONS[name]['note']:67s} {a['steps']:>6d} {a['tflop']:>6.1f} {spans(a)}")
     print()
     print(f"T4 100% and 25%: the FLOPs at the T4's peak for the run's precision (fp16 on tensor cores "
           f"{T4_PEAK['fp16'] / 1e12:.0f} TFLOP/s, fp32")
