@@ -56,12 +56,18 @@ def test_merge_leaves_training_weights_bit_identical_through_train_eval_train():
     assert merged is not model and model.rep and not merged.rep
 
 
-def test_rep_ffn_merge_is_exact_per_module():
+def _trained_ffn() -> RepFFN:
+    """A RepFFN with every branch non-zero, as after training."""
     torch.manual_seed(0)
     ffn = RepFFN(8, 2.0)
     with torch.no_grad():
         for p in ffn.parameters():
             p.normal_(0, 0.2)
+    return ffn
+
+
+def test_rep_ffn_merge_is_exact_per_module():
+    ffn = _trained_ffn()
     x = torch.randn(2, 8, 6, 6)
     textbook = ffn.forward_branches(x)   # one convolution per branch, as U-DiT writes it
     torch.testing.assert_close(ffn.merged()(x), textbook, atol=1e-5, rtol=1e-5)
@@ -69,11 +75,7 @@ def test_rep_ffn_merge_is_exact_per_module():
 
 
 def test_rep_ffn_folded_training_forward_gives_every_weight_the_branches_gradient():
-    torch.manual_seed(0)
-    ffn = RepFFN(8, 2.0)
-    with torch.no_grad():
-        for p in ffn.parameters():
-            p.normal_(0, 0.2)
+    ffn = _trained_ffn()
     x, target = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
     grads = []
     for forward in (ffn.forward, ffn.forward_branches):
