@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tld.gmm import GMM
-from tld.samplers import sample
+from tld.samplers import check_interval, sample
 
 # the unconditional data: a ring of 8; the condition "1": only the two components on the right
 RING = GMM.ring(8, std=0.1)
@@ -91,7 +91,9 @@ def test_a_guidance_interval_guides_only_inside_it_and_costs_one_call_outside():
     ts = time_grid("vp-cosine", 12)
     # an interval holding every grid time is plain guidance; one holding none is the conditional model
     torch.testing.assert_close(run_interval(model, (0.0, 1.0)), run(model, 3.0, n=64), atol=0, rtol=0)
-    torch.testing.assert_close(run_interval(model, (2.0, 3.0)), run(model, 1.0, n=64), atol=0, rtol=0)
+    between = (0.6 * float(ts[1]) + 0.4 * float(ts[0]), 0.4 * float(ts[1]) + 0.6 * float(ts[0]))
+    assert not any(between[0] <= t <= between[1] for t in ts.tolist())
+    torch.testing.assert_close(run_interval(model, between), run(model, 1.0, n=64), atol=0, rtol=0)
     # in between: batched (guided) calls exactly at the grid times inside [lo, hi], single calls elsewhere
     counted = CountingModel(model)
     lo, hi = 0.3, 0.8
@@ -110,8 +112,23 @@ def test_a_guidance_interval_guides_only_inside_it_and_costs_one_call_outside():
     want = torch.where(inside, d_all(x, t)[0], d_one(x, t)[0])
     assert not torch.allclose(d_all(x, t)[0], d_one(x, t)[0])   # guidance does change these steps
     torch.testing.assert_close(d_int(x, t)[0], want, atol=1e-12, rtol=0)
-    with pytest.raises(ValueError, match=r"lo <= hi, got \(0.8, 0.3\)"):
+    with pytest.raises(ValueError, match=r"guidance_interval=\(0.8, 0.3\): expected 0 <= lo < hi <= 1"):
         make_denoiser(model, "vp-cosine", "eps", guidance=3.0, guidance_interval=(0.8, 0.3), **kw)
+
+
+@pytest.mark.parametrize("value, want", [(None, None), ("none", None), ("0.3,1", (0.3, 1.0)), ((0, 1), (0.0, 1.0)),
+                                         ([0.25, 0.5], (0.25, 0.5))])
+def test_check_interval_reads_pairs_strings_and_none(value, want):
+    assert check_interval(value) == want
+
+
+@pytest.mark.parametrize("value, message", [("0.5", "expected two times lo,hi"), ((0.1, 0.2, 0.3), "expected two times"),
+                                            ((0.5, 0.5), "0 <= lo < hi <= 1"), ((-0.1, 0.5), "0 <= lo < hi <= 1"),
+                                            ("0.2,1.5", "0 <= lo < hi <= 1"), (0.3, "expected two times")])
+def test_check_interval_names_a_bad_value(value, message):
+    with pytest.raises(ValueError, match=message) as err:
+        check_interval(value)
+    assert repr(value) in str(err.value)
 
 
 def run_interval(model, interval, n=64):

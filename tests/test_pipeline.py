@@ -198,5 +198,5 @@ def test_a_guidance_interval_is_kept_by_the_folder_and_guides_only_inside_it(par
     assert json.loads((tmp_path / "t2i" / "pipeline.json").read_text())["guidance_interval"] == [0.5, 1.0]
     torch.testing.assert_close(TextToImage.from_pretrained(tmp_path / "t2i")(PROMPTS, steps=4, seed=2), part)
     assert "guidance_interval" not in plain.config   # a pipeline without one saves none (old folders load as before)
-    with pytest.raises(ValueError, match=r"0 <= lo < hi <= 1, got \(0.7, 0.2\)"):
+    with pytest.raises(ValueError, match=r"guidance_interval=\(0.7, 0.2\): expected 0 <= lo < hi <= 1"):
         build(*parts, guidance_interval=(0.7, 0.2))

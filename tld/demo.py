@@ -31,6 +31,7 @@ from .config import parse_key_values
 from .data import ShapesDataset
 from .quality import read_samples
 from .runs import latest_checkpoint, load_model
+from .samplers import check_interval
 from .viz import to_uint8
 
 REFERENCE = assets.ROOT / "shapes-cond"   # the shipped model (tld/assets)
@@ -39,16 +40,7 @@ GUIDANCE_INTERVAL = (0.3, 1.0)            # guide only for t in this interval (N
 
 def parse_interval(text: str) -> tuple[float, float] | None:
     """``"0.3,1"`` -> (0.3, 1.0); ``"none"`` -> None (guidance at every step)."""
-    if text.strip().lower() in ("none", ""):
-        return None
-    parts = text.split(",")
-    try:
-        lo, hi = (float(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"guidance_interval={text!r}: expected two times lo,hi in [0, 1] (e.g. 0.3,1) or none") from None
-    if not 0 <= lo < hi <= 1:
-        raise ValueError(f"guidance_interval={text!r}: expected 0 <= lo < hi <= 1")
-    return lo, hi
+    return check_interval(text)
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from .diffusion import get_schedule
 from .judge import held_out_captions, shapes_adherence
 from .models import create
 from .runs import encoder_folder, latest_checkpoint, load_model
-from .samplers import generate
+from .samplers import check_interval, generate
 from .text import load_text_encoder, null_embedding
 from .viz import image_grid
 
@@ -62,11 +62,9 @@ class TextToImage(nn.Module):
             raise ValueError(f"the denoiser takes {denoiser.in_chans} channels but the codec's latents have "
                              f"{codec.latent_channels}")
         self.denoiser, self.text_encoder, self.codec = denoiser.eval(), text_encoder, codec
+        guidance_interval = check_interval(guidance_interval)
         if guidance_interval is not None:
-            lo, hi = (float(v) for v in guidance_interval)
-            if not 0 <= lo < hi <= 1:
-                raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo < hi <= 1, got {guidance_interval!r}")
-            guidance_interval = [lo, hi]
+            guidance_interval = list(guidance_interval)
         self.config = dict(denoiser=dict(denoiser_config), schedule=schedule, prediction=prediction,
                            sampler=sampler, null=null, guidance=guidance, condition=condition)
         if guidance_interval is not None:   # guide only for t in [lo, hi] (Kynkäänniemi et al. 2024)

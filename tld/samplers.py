@@ -145,6 +145,24 @@ def _as(x0, eps, x, a: float, s: float, space: str):
     return a * eps - s * x0
 
 
+def check_interval(value, name: str = "guidance_interval") -> tuple[float, float] | None:
+    """A guidance interval as ``(lo, hi)`` floats with 0 <= lo < hi <= 1, or None (guide at every step).
+
+    Takes a pair, ``None``, or the command line's string form (``"0.3,1"``, ``"none"``); anything else
+    is a ValueError that names the value. The demo, the pipeline and ``make_denoiser`` all check here.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
+        return None
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        lo, hi = (float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: expected two times lo,hi in [0, 1] (e.g. 0.3,1) or none") from None
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"{name}={value!r}: expected 0 <= lo < hi <= 1")
+    return lo, hi
+
+
 def make_denoiser(model, schedule: Schedule, prediction: str = "eps", cond=None, null_cond=None,
                   guidance: float = 1.0, guidance_space: str | None = None, times=None,
                   guidance_interval: tuple[float, float] | None = None) -> Denoiser:
@@ -163,10 +181,9 @@ def make_denoiser(model, schedule: Schedule, prediction: str = "eps", cond=None,
     lesson 08 measures both readers with and without the interval).
     """
     schedule = get_schedule(schedule)
+    guidance_interval = check_interval(guidance_interval)
     if guidance_interval is not None:
-        lo, hi = (float(v) for v in guidance_interval)
-        if not lo <= hi:
-            raise ValueError(f"guidance_interval must be (lo, hi) with lo <= hi, got {tuple(guidance_interval)}")
+        lo, hi = guidance_interval
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
     space = prediction if guidance_space is None else guidance_space
