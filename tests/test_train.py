@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -53,6 +54,8 @@ def test_bad_values_are_named():
         T.config_from_args(["schedule=cosine"])
     with pytest.raises(ValueError, match="expected key=value"):
         T.config_from_args(["smoke"])
+    with pytest.raises(ValueError, match=r"sample_guidance_interval='0.8,0.2': expected 0 <= lo < hi <= 1"):
+        T.config_from_args(["preset=smoke", "sample_guidance_interval=0.8,0.2"])
 
 
 def test_keys_and_model_overrides_parse():
@@ -89,6 +92,24 @@ def test_smoke_run_writes_checkpoint_samples_and_log(tmp_path):
     assert log[-1]["loss"] < log[0]["loss"], "the loss should fall over 20 steps"
     # no temporary folders left behind by the atomic write
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_the_sample_grid_is_guided_only_inside_sample_guidance_interval(tmp_path):
+    from dataclasses import replace
+
+    from PIL import Image
+
+    cfg = smoke(tmp_path, "run", "class_dropout=0.2")
+    T.train(cfg)
+    ema = T.load_model(tmp_path / "run")
+    grid = {}
+    for name, guidance, interval in [("plain", 1.0, ""), ("every", 3.0, ""), ("all", 3.0, "0,1"), ("late", 3.0, "0.5,1")]:
+        path = T.save_samples(ema, replace(cfg, sample_guidance=guidance, sample_guidance_interval=interval), 18,
+                              tmp_path / f"{name}.png")
+        grid[name] = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32))
+    assert torch.equal(grid["all"], grid["every"])            # an interval holding every time is plain guidance
+    assert not torch.equal(grid["late"], grid["every"]) and not torch.equal(grid["late"], grid["plain"])
+    assert T.config_from_args(["preset=cpu-demo"]).sample_guidance_interval == "0.3,1"   # as make demo samples
 
 
 # a GPU sums some gradients with atomics: bit-identical reruns there need deterministic=true
@@ -344,7 +365,7 @@ def test_text_conditioning_on_shapes_trains_its_encoders_caches_and_saves_a_pipe
     from tld.pipeline import TextToImage
 
     args = ("conditioning=text", "text_encoder=tinyclip", "encoder_steps=5", "codec=tiny-vae", "vae_steps=5",
-            "cache_items=64", "max_steps=3", "sample_steps=2")
+            "cache_items=64", "max_steps=3", "sample_steps=2", "sample_guidance=3", "sample_guidance_interval=0.5,1")
     summary = T.train(smoke(tmp_path, "t2i", *args))
     run = tmp_path / "t2i"
     assert summary["steps"] == 3
@@ -353,6 +374,7 @@ def test_text_conditioning_on_shapes_trains_its_encoders_caches_and_saves_a_pipe
     assert len(caches) == 1
     pipe = TextToImage.from_pretrained(run / "pipeline")
     assert pipe.config["null"] == "zero" and pipe.config["condition"] == "pooled"
+    assert (pipe.config["guidance"], pipe.config["guidance_interval"]) == (3.0, [0.5, 1.0])   # the run's sampling
     assert pipe.denoiser.img_size == 8 and pipe.denoiser.in_chans == 4  # 16 px images -> 8 x 8 x 4 latents
     images = pipe(["a red circle at the top left"], steps=2)
     assert images.shape == (1, 3, 16, 16) and 0 <= images.min() and images.max() <= 1

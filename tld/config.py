@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from . import diffusion
 from .models import PRESETS as MODEL_PRESETS
 from .optim import LR_SCHEDULES, lr_at
+from .samplers import check_interval
 
 __all__ = ["TrainConfig", "PRESETS", "GPU_RECIPES", "DATASETS", "CONDITIONINGS", "config_from_args", "validate",
            "parse_key_values", "coerce_value", "parse_literal", "learning_rate"]
@@ -106,6 +107,8 @@ class TrainConfig:
     sample_steps: int = 50
     sample_sampler: str = "ddim"
     sample_guidance: float = 1.0
+    # guide the sample grids only for t in "lo,hi" (e.g. "0.3,1", as make demo does); "": at every step
+    sample_guidance_interval: str = ""
     seed: int = 0
     resume: bool = False
     # start from the weights of this model folder (an exported model, a checkpoint or a run folder): the
@@ -122,15 +125,15 @@ PRESETS: dict[str, dict] = {
     # x0 prediction learns the shapes far sooner than v on this budget (measured at equal steps, shape
     # accuracy of samples at step 750: x0 0.54, v 0.37; see tld/assets/shapes-cond/README.md)
     "cpu-demo": dict(model="uvit-course", image_size=32, batch_size=64, max_steps=1000, max_minutes=10,
-                     warmup_steps=50, lr=2e-3, prediction="x0", sample_guidance=3.0, out_dir="runs/demo",
-                     save_every=200),
+                     warmup_steps=50, lr=2e-3, prediction="x0", sample_guidance=3.0,
+                     sample_guidance_interval="0.3,1", out_dir="runs/demo", save_every=200),
     # lesson 12's CPU run: a minute for recognisable shapes. The course U-ViT shrunk to 16 px, x0 prediction,
     # shapes in the center only (python -m tld.bench quality base=cpu-lesson compares the choices)
     "cpu-lesson": dict(model="uvit-course", model_overrides={"patch_size": 4, "embed_dim": 64, "depth": 4,
                                                              "conv_mlp": False},
                        image_size=16, shapes_positions="center", prediction="x0", batch_size=32, max_steps=1000,
                        warmup_steps=20, lr=2e-3, ema_decay=0.99, log_every=50, sample_steps=20,
-                       sample_guidance=3.0, out_dir="runs/cpu-lesson"),
+                       sample_guidance=3.0, sample_guidance_interval="0.3,1", out_dir="runs/cpu-lesson"),
     # the course's text-to-image model (tld/assets/shapes-t2i): the TLD denoiser cross-attending to
     # TinyCLIP's pooled caption, on 16x16x4 latents of a small VAE (PSNR 38 dB on shapes); the recipe of
     # cpu-demo otherwise. Trains its encoders first (~5 min), then ~45 min on one CPU thread. (U-ViT with
@@ -139,8 +142,8 @@ PRESETS: dict[str, dict] = {
     "shapes-t2i": dict(model="tld-course", model_overrides={"patch_size": 2}, dataset="shapes", image_size=32,
                        conditioning="text", text_encoder="tinyclip", codec="tiny-vae", cache_items=20_000,
                        batch_size=64, max_steps=3000, warmup_steps=50, lr=2e-3, prediction="x0",
-                       class_dropout=0.1, sample_guidance=3.0, sample_steps=20, sample_sampler="dpm++2m",
-                       save_every=250, keep_checkpoints=20, out_dir="runs/shapes-t2i"),
+                       class_dropout=0.1, sample_guidance=3.0, sample_guidance_interval="0.3,1", sample_steps=20,
+                       sample_sampler="dpm++2m", save_every=250, keep_checkpoints=20, out_dir="runs/shapes-t2i"),
 }
 
 # GPU recipes: the papers' optimiser, lr, weight decay, betas, EMA, warmup and batch (REFERENCES.md "Recipes").
@@ -383,5 +386,6 @@ def validate(cfg: TrainConfig) -> None:
         for name in cfg.log_with.split(","):
             if name.strip() not in known:
                 raise ValueError(f"log_with: unknown tracker {name.strip()!r}; accelerate's trackers: {', '.join(known)}")
+    check_interval(cfg.sample_guidance_interval, "sample_guidance_interval")
     if cfg.cache_items < 1:
         raise ValueError(f"cache_items must be >= 1, got {cfg.cache_items}")

@@ -159,7 +159,8 @@ class TextToImage(nn.Module):
         return cls(denoiser, text_encoder, codec if codec is not None else IdentityCodec(denoiser.in_chans),
                    denoiser_config={"name": tc["model"], **model_kwargs}, schedule=tc["schedule"],
                    prediction=tc["prediction"], sampler=tc["sample_sampler"], null="zero",
-                   guidance=tc["sample_guidance"], condition="tokens" if tc.get("text_tokens") else "pooled")
+                   guidance=tc["sample_guidance"], condition="tokens" if tc.get("text_tokens") else "pooled",
+                   guidance_interval=check_interval(tc.get("sample_guidance_interval", ""), "sample_guidance_interval"))
 
     @classmethod
     def from_run(cls, run_dir, step: int | None = None, which: str = "ema", device="cpu") -> TextToImage:

@@ -51,6 +51,7 @@ from .runs import (
     model_weights,
     save_checkpoint,
 )
+from .samplers import check_interval
 from .samplers import generate as generate_samples
 from .training_data import (
     StepBatchSampler,
@@ -100,16 +101,18 @@ def generate(model: nn.Module, cfg_or_dict, labels: torch.Tensor | None, n: int 
 
 def save_samples(ema: nn.Module, cfg: TrainConfig, num_classes: int, path: Path, per_class: int = 2,
                  dataset=None, codec=None) -> Path:
-    """A grid of samples from the EMA weights: every class, or the first 16 captions of a text run."""
+    """A grid of samples from the EMA weights: every class, or the first 16 captions of a text run (guided as
+    ``cfg.sample_guidance`` and ``cfg.sample_guidance_interval`` say)."""
+    interval = check_interval(cfg.sample_guidance_interval, "sample_guidance_interval")
     if cfg.conditioning == "text":
         first = min(16, len(dataset))
         cond = torch.stack([dataset[i]["text"] for i in range(first)])
         images = generate(ema, cfg, cond, steps=cfg.sample_steps, sampler=cfg.sample_sampler,
-                          guidance=cfg.sample_guidance, seed=cfg.seed)
+                          guidance=cfg.sample_guidance, seed=cfg.seed, guidance_interval=interval)
     else:
         labels = sample_grid_labels(num_classes, per_class) if num_classes else None
         images = generate(ema, cfg, labels, n=16, steps=cfg.sample_steps, sampler=cfg.sample_sampler,
-                          guidance=cfg.sample_guidance, seed=cfg.seed)
+                          guidance=cfg.sample_guidance, seed=cfg.seed, guidance_interval=interval)
     if codec is not None:  # latents -> pixels
         with torch.no_grad():
             images = codec.decode(images.to(next(codec.parameters()).device)).clamp(-1, 1)
