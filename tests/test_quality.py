@@ -46,6 +46,32 @@ def test_a_sweep_from_another_base_preset_changes_only_the_arm_s_keys(tmp_path):
         quality.sweep(["x0"], steps=2, evals=1, root=tmp_path, base="nope")
 
 
+def test_interval_reaches_every_checkpoint_s_samples_and_is_printed(tmp_path, monkeypatch, capsys):
+    seen, score = [], quality.score_model
+
+    def recording(model, **kw):
+        seen.append(kw.get("guidance_interval"))
+        return score(model, **kw)
+
+    monkeypatch.setattr(quality, "score_model", recording)
+    quality.main(["arms=x0", "steps=2", "evals=1", "per_class=1", f"out={tmp_path / 'a'}", "interval=0.3,1"])
+    assert seen == [(0.3, 1.0)]
+    assert "guidance 3 for t in [0.3, 1.0]" in capsys.readouterr().out
+    quality.main(["arms=x0", "steps=2", "evals=1", "per_class=1", f"out={tmp_path / 'b'}"])
+    assert seen[-1] is None and "guidance 3 at every step" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"interval='1,0.3': expected 0 <= lo < hi <= 1"):
+        quality.main(["interval=1,0.3"])
+
+
+def test_shipped_samples_are_guided_only_inside_the_course_s_interval():
+    labels = torch.tensor([0, 7])
+    default = quality.shipped_class_samples(labels, steps=6, seed=1)
+    torch.testing.assert_close(default, quality.shipped_class_samples(labels, steps=6, seed=1,
+                                                                      guidance_interval=(0.3, 1.0)), rtol=0, atol=0)
+    assert not torch.equal(default, quality.shipped_class_samples(labels, steps=6, seed=1, guidance_interval=None))
+    assert quality.GUIDANCE_INTERVAL == (0.3, 1.0)
+
+
 def test_bad_arms_and_options_are_named():
     with pytest.raises(ValueError, match=r"unknown arm\(s\) \['x1'\]"):
         quality.sweep(["x1"], steps=2)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from . import assets, io
+from . import assets, io, quality
 from . import train as T
 from .config import parse_key_values
 from .data import ShapesDataset
@@ -35,7 +35,7 @@ from .samplers import check_interval
 from .viz import to_uint8
 
 REFERENCE = assets.ROOT / "shapes-cond"   # the shipped model (tld/assets)
-GUIDANCE_INTERVAL = (0.3, 1.0)            # guide only for t in this interval (None: at every step)
+GUIDANCE_INTERVAL = quality.GUIDANCE_INTERVAL   # guide only for t in this interval (None: at every step)
 
 
 def parse_interval(text: str) -> tuple[float, float] | None:
