@@ -25,22 +25,16 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from . import assets, io, quality
+from . import assets, io
 from . import train as T
 from .config import parse_key_values
 from .data import ShapesDataset
-from .quality import read_samples
+from .quality import GUIDANCE_INTERVAL, read_samples
 from .runs import latest_checkpoint, load_model
 from .samplers import check_interval
 from .viz import to_uint8
 
 REFERENCE = assets.ROOT / "shapes-cond"   # the shipped model (tld/assets)
-GUIDANCE_INTERVAL = quality.GUIDANCE_INTERVAL   # guide only for t in this interval (None: at every step)
-
-
-def parse_interval(text: str) -> tuple[float, float] | None:
-    """``"0.3,1"`` -> (0.3, 1.0); ``"none"`` -> None (guidance at every step)."""
-    return check_interval(text)
 
 
 @torch.no_grad()
@@ -109,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         opts = dict(parse_key_values(argv, hint=" (e.g. max_minutes=2 out=samples.png)"))
-        interval = parse_interval(opts.pop("guidance_interval", ",".join(map(str, GUIDANCE_INTERVAL))))
+        # guide only for t in the course's interval unless guidance_interval=lo,hi or none says otherwise
+        interval = check_interval(opts.pop("guidance_interval")) if "guidance_interval" in opts else GUIDANCE_INTERVAL
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -160,7 +160,7 @@ class TextToImage(nn.Module):
                    denoiser_config={"name": tc["model"], **model_kwargs}, schedule=tc["schedule"],
                    prediction=tc["prediction"], sampler=tc["sample_sampler"], null="zero",
                    guidance=tc["sample_guidance"], condition="tokens" if tc.get("text_tokens") else "pooled",
-                   guidance_interval=check_interval(tc.get("sample_guidance_interval", ""), "sample_guidance_interval"))
+                   guidance_interval=tc.get("sample_guidance_interval") or None)   # "lo,hi": __init__ checks it
 
     @classmethod
     def from_run(cls, run_dir, step: int | None = None, which: str = "ema", device="cpu") -> TextToImage:
