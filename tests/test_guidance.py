@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tld.gmm import GMM
-from tld.samplers import check_interval, sample
+from tld.samplers import GUIDANCE_INTERVAL, check_interval, interval_string, sample
 
 # the unconditional data: a ring of 8; the condition "1": only the two components on the right
 RING = GMM.ring(8, std=0.1)
@@ -120,6 +120,13 @@ def test_a_guidance_interval_guides_only_inside_it_and_costs_one_call_outside():
                                          ([0.25, 0.5], (0.25, 0.5))])
 def test_check_interval_reads_pairs_strings_and_none(value, want):
     assert check_interval(value) == want
+
+
+@pytest.mark.parametrize("interval", [None, (0.3, 1.0), (0.0, 0.25), (0.125, 0.875)])
+def test_interval_string_reads_back_as_the_same_interval(interval):
+    text = interval_string(interval)
+    assert check_interval(text or None) == interval
+    assert interval_string(GUIDANCE_INTERVAL) == "0.3,1"   # the form the cpu presets carry
 
 
 @pytest.mark.parametrize("value, message", [("0.5", "expected two times lo,hi"), ((0.1, 0.2, 0.3), "expected two times"),

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field, fields
 from . import diffusion
 from .models import PRESETS as MODEL_PRESETS
 from .optim import LR_SCHEDULES, lr_at
-from .samplers import check_interval
+from .samplers import GUIDANCE_INTERVAL, check_interval, interval_string
+
+COURSE_INTERVAL = interval_string(GUIDANCE_INTERVAL)   # "0.3,1": how the cpu presets guide their sample grids
 
 __all__ = ["TrainConfig", "PRESETS", "GPU_RECIPES", "DATASETS", "CONDITIONINGS", "config_from_args", "validate",
            "parse_key_values", "coerce_value", "parse_literal", "learning_rate"]
@@ -126,14 +128,14 @@ PRESETS: dict[str, dict] = {
     # accuracy of samples at step 750: x0 0.54, v 0.37; see tld/assets/shapes-cond/README.md)
     "cpu-demo": dict(model="uvit-course", image_size=32, batch_size=64, max_steps=1000, max_minutes=10,
                      warmup_steps=50, lr=2e-3, prediction="x0", sample_guidance=3.0,
-                     sample_guidance_interval="0.3,1", out_dir="runs/demo", save_every=200),
+                     sample_guidance_interval=COURSE_INTERVAL, out_dir="runs/demo", save_every=200),
     # lesson 12's CPU run: a minute for recognisable shapes. The course U-ViT shrunk to 16 px, x0 prediction,
     # shapes in the center only (python -m tld.bench quality base=cpu-lesson compares the choices)
     "cpu-lesson": dict(model="uvit-course", model_overrides={"patch_size": 4, "embed_dim": 64, "depth": 4,
                                                              "conv_mlp": False},
                        image_size=16, shapes_positions="center", prediction="x0", batch_size=32, max_steps=1000,
                        warmup_steps=20, lr=2e-3, ema_decay=0.99, log_every=50, sample_steps=20,
-                       sample_guidance=3.0, sample_guidance_interval="0.3,1", out_dir="runs/cpu-lesson"),
+                       sample_guidance=3.0, sample_guidance_interval=COURSE_INTERVAL, out_dir="runs/cpu-lesson"),
     # the course's text-to-image model (tld/assets/shapes-t2i): the TLD denoiser cross-attending to
     # TinyCLIP's pooled caption, on 16x16x4 latents of a small VAE (PSNR 38 dB on shapes); the recipe of
     # cpu-demo otherwise. Trains its encoders first (~5 min), then ~45 min on one CPU thread. (U-ViT with
@@ -142,7 +144,7 @@ PRESETS: dict[str, dict] = {
     "shapes-t2i": dict(model="tld-course", model_overrides={"patch_size": 2}, dataset="shapes", image_size=32,
                        conditioning="text", text_encoder="tinyclip", codec="tiny-vae", cache_items=20_000,
                        batch_size=64, max_steps=3000, warmup_steps=50, lr=2e-3, prediction="x0",
-                       class_dropout=0.1, sample_guidance=3.0, sample_guidance_interval="0.3,1", sample_steps=20,
+                       class_dropout=0.1, sample_guidance=3.0, sample_guidance_interval=COURSE_INTERVAL, sample_steps=20,
                        sample_sampler="dpm++2m", save_every=250, keep_checkpoints=20, out_dir="runs/shapes-t2i"),
 }
 

@@ -37,7 +37,7 @@ from .diffusion import add_noise, convert, get_schedule
 from .geometry import geometric_accuracy
 from .judge import shapes_accuracy
 from .runs import checkpoint_folder, load_model
-from .samplers import check_interval
+from .samplers import GUIDANCE_INTERVAL, check_interval
 from .training_data import shapes_positions_kwargs
 
 __all__ = ["ARMS", "read_samples", "print_reads", "shipped_class_samples", "score_model", "one_step_reads", "run_arm", "sweep", "format_table", "main"]
@@ -85,12 +85,6 @@ def print_reads(reads: dict) -> None:
     print(f"{'samples':<{width}}{'color':>7}{'shape':>7}{'geometry: shape':>17}{'strict':>8}{'IoU':>6}")
     for k, r in reads.items():
         print(f"{k:<{width}}{r['color']:>7.2f}{r['shape']:>7.2f}{r['geo_shape']:>17.2f}{r['strict']:>8.2f}{r['iou']:>6.2f}")
-
-
-# The course's sampling of its shapes models: guidance only while t >= 0.3 (Kynkäänniemi et al. 2024). Guided at
-# every step, the shipped models' squares come out notched and their circles flat-sided (lesson 08 measures it);
-# make demo, the lessons' side-by-side panels and the cpu presets' sample grids all sample this way.
-GUIDANCE_INTERVAL = (0.3, 1.0)
 
 
 @torch.no_grad()
