@@ -254,3 +254,15 @@ def test_optimizer_state_with_python_number_steps_round_trips():
     assert back["state"][2]["step"] == 4.0 and isinstance(back["state"][2]["step"], float)
     assert torch.equal(back["state"][0]["momentum_buffer"], torch.ones(2))
     assert back["param_groups"] == sd["param_groups"] and isinstance(back["param_groups"][0]["betas"], tuple)
+
+
+def test_saved_tensors_get_the_mode_a_plain_write_would(tmp_path):
+    import stat
+
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    folder = save_state(tmp_path / "ckpt", {"step": 1}, model={"w": torch.zeros(2)})
+    want = stat.S_IMODE(plain.stat().st_mode)
+    assert want & 0o044, "the test needs a umask that lets others read"
+    for f in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((folder / f).stat().st_mode) == want, f   # safetensors alone would give 0600

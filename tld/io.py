@@ -255,7 +255,16 @@ def save_tensors(path, state: dict) -> Path:
     """Write one ``.safetensors`` file of a state dict (detached, CPU, contiguous, unshared); inside an
     ``atomic_folder``, where the folder, not the file, is what becomes visible at once."""
     save_file(_for_safetensors(state), str(path))
+    # safetensors creates the file 0600; give it the mode a plain write would (0644 under umask 022), so that a
+    # checkpoint or an exported model others install or read is readable by them
+    os.chmod(path, 0o666 & ~_umask())
     return Path(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)   # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def load_tensors(path, device="cpu") -> dict[str, torch.Tensor]:
