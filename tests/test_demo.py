@@ -87,3 +87,22 @@ def test_export_in_fp16_halves_the_file_and_loads_as_float32(tmp_path):
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert pb.dtype == pa.dtype == torch.float32, name
         torch.testing.assert_close(pb, pa.half().float(), rtol=0, atol=0)   # exactly the fp16 rounding
+
+
+def test_an_exported_folder_re_exports_in_place_to_fp16_keeping_its_readme(tmp_path):
+    import torch
+
+    from tld.runs import load_model
+
+    run = tmp_path / "run"
+    T.train(T.config_from_args(["preset=smoke", f"out_dir={run}", "progress=false", "max_steps=3"]))
+    shipped = demo.export(run, tmp_path / "shipped")
+    (shipped / "README.md").write_text("how it was made\n")
+    before = load_model(shipped).state_dict()
+    assert demo.main(["export", str(shipped), str(shipped), "--fp16"]) == 0   # the folder onto itself
+    assert (shipped / "README.md").read_text() == "how it was made\n"
+    assert json.loads((shipped / "config.json").read_text())["stored_dtype"] == "float16"
+    after = load_model(shipped).state_dict()
+    assert after.keys() == before.keys()
+    for name, p in before.items():
+        torch.testing.assert_close(after[name], p.half().float(), rtol=0, atol=0, msg=name)

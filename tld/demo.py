@@ -75,14 +75,18 @@ def labelled_grid(panels: list[tuple[str, torch.Tensor]], labels: torch.Tensor, 
 
 def export(checkpoint, dest, fp16: bool = False) -> Path:
     """Write a checkpoint's EMA weights and its config into ``dest`` (what ships in tld/assets):
-    config.json + model.safetensors, atomically, keeping the folder's README.md. ``fp16`` stores the
+    config.json + model.safetensors, atomically, keeping the folder's README.md. ``checkpoint`` may also be an
+    exported folder (its ``model.safetensors``), ``dest`` itself included. ``fp16`` stores the
     weights in half precision (half the bytes; ``load_model`` casts them back to the model's float32)."""
     src = Path(checkpoint)
     if (src / "checkpoints").exists():
         src = latest_checkpoint(src)
-    meta, states = io.load_state(src, "ema")
+    # a training checkpoint ships its EMA weights; an exported folder (model.safetensors) can be exported again,
+    # e.g. in place to store it in float16
+    which = "model" if not (src / "ema.safetensors").is_file() and (src / "model.safetensors").is_file() else "ema"
+    meta, states = io.load_state(src, which)
     meta.pop("optimizer", None)   # an exported model carries no optimizer state
-    weights = states["ema"]
+    weights = states[which]
     if fp16:
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
         meta["stored_dtype"] = "float16"
