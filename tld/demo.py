@@ -30,7 +30,7 @@ from . import train as T
 from .config import parse_key_values
 from .data import ShapesDataset
 from .quality import GUIDANCE_INTERVAL, read_samples
-from .runs import latest_checkpoint, load_model
+from .runs import load_model, model_weights
 from .samplers import check_interval
 from .viz import to_uint8
 
@@ -78,15 +78,9 @@ def export(checkpoint, dest, fp16: bool = False) -> Path:
     config.json + model.safetensors, atomically, keeping the folder's README.md. ``checkpoint`` may also be an
     exported folder (its ``model.safetensors``), ``dest`` itself included. ``fp16`` stores the
     weights in half precision (half the bytes; ``load_model`` casts them back to the model's float32)."""
-    src = Path(checkpoint)
-    if (src / "checkpoints").exists():
-        src = latest_checkpoint(src)
-    # a training checkpoint ships its EMA weights; an exported folder (model.safetensors) can be exported again,
-    # e.g. in place to store it in float16
-    which = "model" if not (src / "ema.safetensors").is_file() and (src / "model.safetensors").is_file() else "ema"
-    meta, states = io.load_state(src, which)
+    # a run's latest checkpoint, or a checkpoint, ships its EMA weights; an exported folder its model.safetensors
+    meta, weights, _ = model_weights(checkpoint, "ema")
     meta.pop("optimizer", None)   # an exported model carries no optimizer state
-    weights = states[which]
     if fp16:
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
         meta["stored_dtype"] = "float16"
