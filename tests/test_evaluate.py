@@ -115,7 +115,7 @@ def test_a_missing_shipped_classifier_is_an_error_naming_it_not_a_retrained_one(
 
 # --------------------------------------------------------------------------- the evaluation CLI
 
-SHAPES_COND = assets.path("shapes-cond")
+SHAPES_COND = assets.path("shapes-cond-uvit")
 REPORT_FILES = ("report.json", "samples.png", "accuracy.png", "features.png")
 
 

@@ -17,7 +17,7 @@ from tld.data import ShapesDataset
 from tld.evaluate import iter_npz, main, npz_keys, sample_to_npz, score_npz, write_npz
 from tld.fid import feature_statistics, image_features
 
-SHAPES_COND = assets.path("shapes-cond")
+SHAPES_COND = assets.path("shapes-cond-uvit")
 ARGS = dict(steps=2, guidance=3.0, sampler="dpm++2m", seed=0, batch_size=4)
 
 

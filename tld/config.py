@@ -123,9 +123,9 @@ PRESETS: dict[str, dict] = {
     # seconds on a CPU: the tests' and papermill's preset
     "smoke": dict(model="uvit-tiny", image_size=16, batch_size=16, max_steps=20, warmup_steps=5,
                   log_every=5, sample_steps=5, out_dir="runs/smoke"),
-    # the course's CPU model (make demo): see tld/assets/shapes-cond/README.md
+    # the course's CPU model (make demo): see tld/assets/shapes-cond-uvit/README.md
     # x0 prediction learns the shapes far sooner than v on this budget (measured at equal steps, shape
-    # accuracy of samples at step 750: x0 0.54, v 0.37; see tld/assets/shapes-cond/README.md)
+    # accuracy of samples at step 750: x0 0.54, v 0.37; see tld/assets/shapes-cond-uvit/README.md)
     "cpu-demo": dict(model="uvit-course", image_size=32, batch_size=64, max_steps=1000, max_minutes=10,
                      warmup_steps=50, lr=2e-3, prediction="x0", sample_guidance=3.0,
                      sample_guidance_interval=COURSE_INTERVAL, out_dir="runs/demo", save_every=200),

@@ -6,13 +6,13 @@
 
 It trains the class-conditional U-ViT on shapes with ``python -m tld.train preset=cpu-demo``,
 samples every class from its EMA weights and from the shipped reference checkpoint
-(``tld.assets.path("shapes-cond")``, made by the same recipe trained on for longer), reads color
+(``tld.assets.path("shapes-cond-uvit")``, made by the same recipe trained on for longer), reads color
 and shape two ways (``tld.quality.read_samples``: the shapes classifier and the geometric reader), and
 writes one picture of both.
 
 Both panels are guided only while t >= 0.3 (``GUIDANCE_INTERVAL``; Kynkäänniemi et al. 2024): guidance at
 low noise pinches the reference's squares into X shapes and notches its circles (lesson 08 shows both),
-and the geometric reader's IoU of its samples rises from 0.89 to 0.95 without it (`tld/assets/shapes-cond`).
+and the geometric reader's IoU of its samples rises from 0.89 to 0.95 without it (`tld/assets/shapes-cond-uvit`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .runs import load_model, model_weights
 from .samplers import check_interval
 from .viz import to_uint8
 
-REFERENCE = assets.ROOT / "shapes-cond"   # the shipped model (tld/assets)
+REFERENCE = assets.ROOT / "shapes-cond-uvit"   # the shipped model (tld/assets)
 
 
 @torch.no_grad()

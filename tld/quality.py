@@ -90,9 +90,9 @@ def print_reads(reads: dict) -> None:
 @torch.no_grad()
 def shipped_class_samples(labels, steps: int = 20, guidance: float = 3.0, seed: int = 0, device="cpu",
                           guidance_interval: tuple[float, float] | None = GUIDANCE_INTERVAL) -> torch.Tensor:
-    """Samples [B, 3, 32, 32] in [-1, 1] of the given classes from the shipped ``shapes-cond`` U-ViT, guided for t in
+    """Samples [B, 3, 32, 32] in [-1, 1] of the given classes from the shipped ``shapes-cond-uvit`` U-ViT, guided for t in
     ``guidance_interval`` (None: at every step)."""
-    model = load_model(assets.path("shapes-cond"), device=device)
+    model = load_model(assets.path("shapes-cond-uvit"), device=device)
     labels = torch.as_tensor(labels).to(device)
     return T.generate(model, model.train_config, labels, steps=steps, guidance=guidance, seed=seed,
                       guidance_interval=guidance_interval).cpu()

@@ -188,7 +188,7 @@ def make_denoiser(model, schedule: Schedule, prediction: str = "eps", cond=None,
     ``guidance_interval=(lo, hi)``: guide only at times lo <= t <= hi and take the plain conditional
     prediction elsewhere (one model call). Kynkäänniemi et al. 2024 guide only in a middle interval of noise
     levels: at high noise guidance mostly costs diversity, and at low noise, where the sampler draws edges,
-    it over-sharpens them (on shapes-cond, guidance 3 at every t leaves dark halos and notched sides;
+    it over-sharpens them (on shapes-cond-uvit, guidance 3 at every t leaves dark halos and notched sides;
     lesson 08 measures both readers with and without the interval).
     """
     schedule = get_schedule(schedule)

@@ -86,7 +86,7 @@ def check_cfg_rescale(fn) -> None:
     _ok("cfg_rescale", len(cases), "Lin et al. 2024's rescale (diffusers' rescale_noise_cfg)", worst)
 
 
-BEST_GUIDANCE = (1.5, 4.5)   # shapes-cond, 18 labels, 6 steps: adherence peaks at w = 2 (seeds 0 and 1)
+BEST_GUIDANCE = (1.5, 4.5)   # shapes-cond-uvit, 18 labels, 6 steps: adherence peaks at w = 2 (seeds 0 and 1)
 GUIDANCES = (1.0, 2.0, 3.0, 4.0, 6.0)
 _SHIPPED: dict = {}
 
@@ -95,7 +95,7 @@ def _adherence(w: float) -> float:
     if w in _SHIPPED:
         return _SHIPPED[w]
     if not _SHIPPED:
-        _SHIPPED.update(model=load_model(assets.path("shapes-cond")), classifier=load_shapes_classifier())
+        _SHIPPED.update(model=load_model(assets.path("shapes-cond-uvit")), classifier=load_shapes_classifier())
     labels = torch.arange(18)
     x = generate(_SHIPPED["model"], _SHIPPED["model"].train_config, labels, steps=6, sampler="dpm++2m",
                  guidance=w, seed=0)
@@ -105,7 +105,7 @@ def _adherence(w: float) -> float:
 
 @checker("adherence_at")
 def check_adherence_at(fn) -> None:
-    """``fn(w) -> float``: the shape-and-color adherence of the shipped ``shapes-cond`` at guidance w: one image
+    """``fn(w) -> float``: the shape-and-color adherence of the shipped ``shapes-cond-uvit`` at guidance w: one image
     per class (labels 0..17), ``tld.train.generate(..., steps=6, sampler="dpm++2m", guidance=w, seed=0)``, read
     back by ``tld.evaluate.shapes_accuracy(...)["all"]``."""
     case = "guidance w = 3.0"
