@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tld import quality
+from tld import assets, quality
 from tld.data import ShapesDataset
 from tld.geometry import distorted_batch
 from tld.runs import checkpoint_folder, load_model
@@ -108,7 +108,6 @@ def test_one_step_reads_scores_the_denoiser_s_estimate_of_the_clean_renders():
 def test_the_shipped_u_dit_estimates_x0_at_render_precision_where_the_shipped_u_vit_does_not():
     """Why ``shapes-cond`` is a U-DiT: from the same perfect renders noised to t = 0.1, its one-step estimate
     of x0 fits the ideal outlines far closer (measured: U-DiT IoU 0.975, strict 0.861; U-ViT 0.950, 0.028)."""
-    from tld import assets
     udit = quality.one_step_reads(load_model(assets.path("shapes-cond")), t=0.1)
     uvit = quality.one_step_reads(load_model(assets.path("shapes-cond-uvit")), t=0.1)
     assert udit["shape"] == uvit["shape"] == 1.0, (udit, uvit)   # both know the kinds

@@ -17,7 +17,8 @@ __all__ = ["SHIPPED", "ROOT", "path", "available", "resolve"]
 # name: what it is (and the command that rebuilds it)
 SHIPPED = {
     "shapes-cond": "the class-conditional model on 32 px shapes, a U-DiT (python -m tld.train preset=cpu-demo "
-                   "model=udit-course, then python -m tld.demo export --fp16)",
+                   "model=udit-course model.learn_sigma=false batch_size=32, then python -m tld.demo export "
+                   "--fp16; its README has the full command)",
     "shapes-cond-uvit": "make demo's reference, the class-conditional U-ViT on 32 px shapes (python -m tld.train "
                         "preset=cpu-demo, then python -m tld.demo export --fp16)",
     "shapes-t2i": "the text-to-image pipeline on shapes (python -m tld.train preset=shapes-t2i)",
