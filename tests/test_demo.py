@@ -2,9 +2,10 @@
 
 import json
 
+import pytest
 from PIL import Image
 
-from tld import demo
+from tld import assets, demo
 from tld import train as T
 
 
@@ -33,6 +34,16 @@ def test_export_then_compare_with_a_reference(tmp_path, capsys):
     assert rc == 0
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line[:4] in ("this", "refe")]
     assert rows == ["this", "reference"]
+
+
+def test_a_missing_shipped_reference_is_an_error_before_any_training(tmp_path, monkeypatch):
+    # without reference=, the demo compares with the shipped model; gone, it says which and how to get it back,
+    # instead of quietly showing the run alone after ten minutes of training
+    monkeypatch.setattr(assets, "ROOT", tmp_path / "no-assets")
+    monkeypatch.setattr(T, "train", lambda cfg: pytest.fail("trained before finding the reference"))
+    args = [a for a in _tiny_demo_args(tmp_path) if not a.startswith("reference=")]
+    with pytest.raises(FileNotFoundError, match="shapes-cond-uvit.*reinstall"):
+        demo.main(args)
 
 
 def test_demo_rejects_bare_words(capsys):

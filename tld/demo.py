@@ -34,7 +34,7 @@ from .runs import load_model, model_weights
 from .samplers import check_interval
 from .viz import to_uint8
 
-REFERENCE = assets.ROOT / "shapes-cond-uvit"   # the shipped model (tld/assets)
+REFERENCE = "shapes-cond-uvit"   # the shipped model (tld.assets) the run is shown beside, unless reference= says
 
 
 @torch.no_grad()
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     out_png = Path(opts.pop("out", "samples.png"))
     per_class = int(opts.pop("per_class", 4))
     steps = int(opts.pop("steps", 50))
-    reference = Path(opts.pop("reference", REFERENCE))
+    # the shipped reference must be there (assets.path says how to get it back); an explicit folder may be absent
+    reference = Path(opts.pop("reference")) if "reference" in opts else assets.path(REFERENCE)
     train_args = ["preset=cpu-demo"] + [f"{k}={v}" for k, v in opts.items()]
     cfg = T.config_from_args(train_args)
 
