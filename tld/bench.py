@@ -613,7 +613,8 @@ COLAB_LESSONS = {
     "11_udit_downsampled_tokens": dict(
         # the U-DiT the lesson trains beside the shipped shapes-udit (the cpu-lesson recipe, fp32 at every preset)
         precision="fp32", steps=1000, note="the U-DiT trained beside the shipped shapes-udit, fp32",
-        train=["preset=cpu-lesson", "model=udit-course", "model.learn_sigma=false", "max_steps=1000"],
+        train=["preset=cpu-lesson", "model=udit-course", "model.learn_sigma=false", "loss_weighting=none",
+               "max_steps=1000"],
         runs={"udit-course, 16 px": []}),
     "12_full_training_run": dict(
         # the run, then a copy resumed from its earliest kept checkpoint (cpu-demo saves every 200 steps and

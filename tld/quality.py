@@ -4,7 +4,8 @@
     python -m tld.bench quality steps=300 arms=x0,v      # a shorter sweep of some arms
     python -m tld.bench quality base=cpu-lesson arms=x0,v,x0+all-positions steps=1000   # lesson 12's model
 
-Every arm is ``preset=cpu-demo`` (or the preset ``base=`` names) with a few keys changed (``ARMS``), trained from the same seed for the
+Every arm is ``preset=cpu-demo`` (or the preset ``base=`` names) with the plain loss (``loss_weighting=none``) and
+a few keys changed (``ARMS``), so ``x0`` is the unweighted x0 loss whatever the base; trained from the same seed for the
 same number of steps, checkpointed ``evals`` times along the way. Each checkpoint's EMA weights draw
 ``per_class`` samples of every class (DDIM, guidance 3, the demo's sampling) that two readers score:
 
@@ -43,7 +44,7 @@ from .training_data import shapes_positions_kwargs
 __all__ = ["ARMS", "read_samples", "print_reads", "shipped_class_samples", "score_model", "one_step_reads", "run_arm", "sweep", "format_table", "main"]
 
 # name: the keys each arm changes in preset=cpu-demo (x0 prediction, uniform t, lr 2e-3, batch 64, U-ViT
-# uvit-course: width 128, depth 6, patch 4, depthwise-conv MLP)
+# uvit-course: width 128, depth 6, patch 4, depthwise-conv MLP), after loss_weighting=none (run_arm)
 ARMS: dict[str, list[str]] = {
     "x0": [],
     "v": ["prediction=v"],
@@ -135,7 +136,7 @@ def run_arm(name: str, keys: list[str], steps: int, evals: int, root: Path, thre
     """Train one arm (preset ``base`` with ``keys``) for ``steps`` steps; score it at ``evals`` checkpoints, its
     samples guided for t in ``interval`` (None: at every step, as the rows of earlier sweeps)."""
     every = max(1, steps // evals)
-    args = [f"preset={base}", *keys, f"max_steps={steps}", "max_minutes=0", f"save_every={every}",
+    args = [f"preset={base}", "loss_weighting=none", *keys, f"max_steps={steps}", "max_minutes=0", f"save_every={every}",
             f"keep_checkpoints={evals + 1}", f"log_every={every}", "progress=false",
             f"out_dir={root / name}", f"threads={threads}"]
     cfg = config_from_args(args)

@@ -23,7 +23,7 @@ SHIPPED = {
                         "preset=cpu-demo, then python -m tld.demo export --fp16)",
     "shapes-t2i": "the text-to-image pipeline on shapes (python -m tld.train preset=shapes-t2i)",
     "shapes-udit": "lesson 11's U-DiT on centered 16 px shapes (python -m tld.train preset=cpu-lesson "
-                   "model=udit-course, then python -m tld.demo export)",
+                   "loss_weighting=none model=udit-course model.learn_sigma=false, then python -m tld.demo export)",
     "shapes-classifier": "the shapes classifier that judges samples (python -m tld.evaluate train-classifier)",
 }
 
