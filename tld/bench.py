@@ -608,7 +608,8 @@ COLAB_LESSONS = {
         precision="fp32", steps=2000 + 200 + 89, note="hand loop + tld.train's first 200 steps, fp32",
         train=["image_size=32", "batch_size=32", "max_steps=2000", "lr=0.002", "ema_decay=0.95", "warmup_steps=20",
                "model=uvit-course", "model.patch_size=4", "model.embed_dim=64", "model.depth=4",
-               "model.conv_mlp=false", "prediction=x0", "shapes_positions=center", "deterministic=true"],
+               "model.conv_mlp=false", "prediction=x0", "loss_weighting=min-snr", "min_snr_gamma=5",
+               "shapes_positions=center", "deterministic=true"],
         runs={"uvit-course, width 64": []}),
     "11_udit_downsampled_tokens": dict(
         # the U-DiT the lesson trains beside the shipped shapes-udit (the cpu-lesson recipe, fp32 at every preset)
