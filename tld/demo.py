@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     out_png = Path(opts.pop("out", "samples.png"))
     per_class = int(opts.pop("per_class", 4))
     steps = int(opts.pop("steps", 50))
-    # the shipped reference must be there (assets.path says how to get it back); an explicit folder may be absent
-    reference = Path(opts.pop("reference")) if "reference" in opts else assets.path(REFERENCE)
+    # a folder, or a shipped model's name: a missing shipped model is an error that says how to get it back
+    reference = assets.resolve(opts.pop("reference", REFERENCE))
     train_args = ["preset=cpu-demo"] + [f"{k}={v}" for k, v in opts.items()]
     cfg = T.config_from_args(train_args)
 
