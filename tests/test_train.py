@@ -404,3 +404,20 @@ def test_t_max_train_keeps_every_training_time_at_or_below_it():
     assert whole.max() > 0.9   # without it the whole range is drawn
     with pytest.raises(ValueError, match=r"t_max_train=1.5 must be 0 .* or in \("):
         validate(TrainConfig(t_max_train=1.5))
+
+
+def test_tiny_vae_fine_tunes_its_decoder_when_asked_and_keeps_its_latents():
+    from tld.data import ShapesDataset
+    from tld.training_data import tiny_vae
+
+    keys = ["conditioning=text", "text_encoder=tinyclip", "codec=tiny-vae", "vae_steps=5", "image_size=16"]
+    plain = tiny_vae(T.config_from_args(keys))
+    tuned = tiny_vae(T.config_from_args([*keys, "vae_decoder_steps=3"]))
+    x = ShapesDataset(size=16, seed=5, length=8).batch(range(8))["image"]
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.encode(x), plain.encode(x), rtol=0, atol=0)   # the same VAE, then...
+        assert not torch.equal(tuned.decode(tuned.encode(x)), plain.decode(plain.encode(x)))   # ...a new decoder
+    assert tuned.scale == plain.scale
+    assert T.config_from_args(["preset=shapes-t2i"]).vae_decoder_steps == 3000   # as the shipped codec was made
+    with pytest.raises(ValueError, match="vae_decoder_steps must be >= 0.*got -1"):
+        T.config_from_args([*keys, "vae_decoder_steps=-1"])

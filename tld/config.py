@@ -51,6 +51,8 @@ class TrainConfig:
     cache_items: int = 20_000
     encoder_steps: int = 300  # TinyCLIP training steps (text_encoder=tinyclip)
     vae_steps: int = 800  # small VAE training steps (codec=tiny-vae)
+    # then this many decoder-only steps on its frozen encoder's latents (tld.autoencoder.finetune_decoder; 0: none)
+    vae_decoder_steps: int = 0
     # conditioning=text: U-ViT reads the text encoder's token sequence [L, D] (CLIP: 77 x 768), as U-ViT's
     # MS-COCO model does, instead of the pooled vector as one token (needs a U-ViT model)
     text_tokens: bool = False
@@ -140,11 +142,13 @@ PRESETS: dict[str, dict] = {
                        sample_guidance=3.0, sample_guidance_interval=COURSE_INTERVAL, out_dir="runs/cpu-lesson"),
     # the course's text-to-image model (tld/assets/shapes-t2i): the TLD denoiser cross-attending to
     # TinyCLIP's pooled caption, on 16x16x4 latents of a small VAE (PSNR 38 dB on shapes); the recipe of
-    # cpu-demo otherwise. Trains its encoders first (~5 min), then ~45 min on one CPU thread. (U-ViT with
+    # cpu-demo otherwise. Trains its encoders first (~10 min: the VAE's decoder is then sharpened for 3,000 steps
+    # on its frozen encoder's latents), then ~45 min on one CPU thread. (U-ViT with
     # the pooled caption as one token learned color but not position: position 0.17 at step 2000, where
     # this model is at 1.00 by step 750; see tld/assets/shapes-t2i/README.md)
     "shapes-t2i": dict(model="tld-course", model_overrides={"patch_size": 2}, dataset="shapes", image_size=32,
-                       conditioning="text", text_encoder="tinyclip", codec="tiny-vae", cache_items=20_000,
+                       conditioning="text", text_encoder="tinyclip", codec="tiny-vae", vae_decoder_steps=3000,
+                       cache_items=20_000,
                        batch_size=64, max_steps=3000, warmup_steps=50, lr=2e-3, prediction="x0",
                        class_dropout=0.1, sample_guidance=3.0, sample_guidance_interval=COURSE_INTERVAL, sample_steps=20,
                        sample_sampler="dpm++2m", save_every=250, keep_checkpoints=20, out_dir="runs/shapes-t2i"),
@@ -393,3 +397,5 @@ def validate(cfg: TrainConfig) -> None:
     check_interval(cfg.sample_guidance_interval, "sample_guidance_interval")
     if cfg.cache_items < 1:
         raise ValueError(f"cache_items must be >= 1, got {cfg.cache_items}")
+    if cfg.vae_decoder_steps < 0:
+        raise ValueError(f"vae_decoder_steps must be >= 0 (0: no decoder fine-tuning), got {cfg.vae_decoder_steps}")
