@@ -159,6 +159,8 @@ def test_the_finetune_command_saves_a_loadable_codec_and_names_bad_keys(trained,
     assert "expected one of steps=" in capsys.readouterr().err and not (tmp_path / "o2").exists()
     assert main(["finetune-decoder", str(tmp_path / "src"), str(tmp_path / "o2"), "lr=fast"]) == 2
     assert "lr must be float, got 'fast'" in capsys.readouterr().err
+    assert main(["finetune-decoder", str(tmp_path / "nowhere"), str(tmp_path / "o2")]) == 2
+    assert "no tld codec in" in capsys.readouterr().err
     assert main(["train"]) == 2 and "usage: python -m tld.autoencoder finetune-decoder" in capsys.readouterr().err
 
 

@@ -214,21 +214,22 @@ def finetune_decoder(codec: DiffusersVAE, steps: int = 3000, batch_size: int = 3
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     torch.manual_seed(seed)
-    vae = copy.deepcopy(codec.vae).float().cpu()
+    vae = copy.deepcopy(codec.vae).float()   # trained in float32 on the codec's device
+    device = vae.device
     vae.requires_grad_(False)
     decoder = nn.ModuleList([m for m in (vae.post_quant_conv, vae.decoder) if m is not None]).requires_grad_(True)
     ds = ShapesDataset(size=image_size, seed=40_000 + seed, length=10_000_000)
     gen = torch.Generator().manual_seed(seed)
 
     def loss_at(step):
-        x = ds.batch(torch.randint(len(ds), (batch_size,), generator=gen).tolist())["image"]
+        x = ds.batch(torch.randint(len(ds), (batch_size,), generator=gen).tolist())["image"].to(device)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         return _pixel_loss(vae.decode(z).sample, x, fg_weight)
 
     fit_one_cycle(decoder, loss_at, steps, lr, weight_decay=0.0, progress=progress)
     vae.requires_grad_(False)
-    return DiffusersVAE(vae.eval(), scale=codec.scale)
+    return DiffusersVAE(vae.eval(), scale=codec.scale, device=device)
 
 
 @torch.no_grad()
@@ -268,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     if opts.get("threads"):
         torch.set_num_threads(opts.pop("threads"))
     opts.pop("threads", None)
-    codec = load_codec(src)
+    try:
+        codec = load_codec(src)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     before = reconstruction_reads(codec)
     t0 = time.perf_counter()
     tuned = finetune_decoder(codec, progress=True, **opts)
