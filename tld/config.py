@@ -141,7 +141,7 @@ PRESETS: dict[str, dict] = {
                        warmup_steps=20, lr=2e-3, ema_decay=0.99, log_every=50, sample_steps=20,
                        sample_guidance=3.0, sample_guidance_interval=COURSE_INTERVAL, out_dir="runs/cpu-lesson"),
     # the course's text-to-image model (tld/assets/shapes-t2i): the TLD denoiser cross-attending to
-    # TinyCLIP's pooled caption, on 16x16x4 latents of a small VAE (PSNR 38 dB on shapes); the recipe of
+    # TinyCLIP's pooled caption, on 16x16x4 latents of a small VAE (PSNR 44 dB on shapes); the recipe of
     # cpu-demo otherwise. Trains its encoders first (~10 min: the VAE's decoder is then sharpened for 3,000 steps
     # on its frozen encoder's latents), then ~45 min on one CPU thread. (U-ViT with
     # the pooled caption as one token learned color but not position: position 0.17 at step 2000, where
