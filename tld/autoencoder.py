@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import io
+from .cli import coerce_value, parse_key_values
 from .data import ShapesDataset
 from .geometry import geometric_accuracy
 from .optim import fit_one_cycle
@@ -255,20 +256,21 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     src, out, opts = argv[1], Path(argv[2]), {}
-    kinds = {"steps": int, "lr": float, "batch_size": int, "seed": int, "threads": int}
-    for word in argv[3:]:
-        key, _, value = word.partition("=")
-        if key not in kinds or not value:
-            print(f"error: expected one of {', '.join(k + '=' for k in kinds)}, got {word!r}\n{USAGE}", file=sys.stderr)
-            return 2
-        try:
-            opts[key] = kinds[key](value)
-        except ValueError:
-            print(f"error: {key} must be {kinds[key].__name__}, got {value!r}", file=sys.stderr)
-            return 2
-    if opts.get("threads"):
-        torch.set_num_threads(opts.pop("threads"))
-    opts.pop("threads", None)
+    kinds = {"steps": "int", "lr": "float", "batch_size": "int", "seed": "int", "threads": "int"}
+    try:
+        for key, value in parse_key_values(argv[3:], hint=f"\n{USAGE}"):
+            if key not in kinds:
+                raise ValueError(f"expected one of {', '.join(k + '=' for k in kinds)}, got {key}={value!r}\n{USAGE}")
+            try:
+                opts[key] = coerce_value(value, kinds[key])
+            except ValueError:
+                raise ValueError(f"{key} must be {kinds[key]}, got {value!r}") from None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    threads = opts.pop("threads", 0)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         codec = load_codec(src)
     except FileNotFoundError as e:

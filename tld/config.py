@@ -1,16 +1,16 @@
-"""Training configuration: ``TrainConfig``, the presets, the GPU recipes, validation, and the one
-``key=value`` parser every command line here uses (``tld.train``, ``tld.evaluate``, ``tld.demo``).
+"""Training configuration: ``TrainConfig``, the presets, the GPU recipes and validation; it re-exports the one
+``key=value`` parser every command line here uses (``tld.cli``: ``tld.train``, ``tld.evaluate``, ``tld.demo``, ...).
 
     cfg = config_from_args(["preset=smoke", "max_steps=50", "model.depth=4"])
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 from dataclasses import dataclass, field, fields
 
 from . import diffusion
+from .cli import coerce_value, parse_key_values, parse_literal
 from .models import PRESETS as MODEL_PRESETS
 from .optim import LR_SCHEDULES, lr_at
 from .samplers import GUIDANCE_INTERVAL, check_interval, interval_string
@@ -241,58 +241,6 @@ classifier for the offline shapes classifier):
 captioned prepared folder or text file for a text pipeline's prompts, codec= for latents of a run not
 trained on a prepared folder). The README's "Full runs on real data" has every step.
 """
-
-
-# ---------------------------------------------------------------------------------------------
-# key=value command lines
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_key_values(args: list[str], hint: str = " (for example: preset=smoke max_steps=100)") -> list[tuple]:
-    """``["key=value", ...]`` -> ``[(key, value), ...]`` in order; ``--max-steps=3`` reads as ``max_steps``.
-
-    Args:
-        args: the command-line words.
-        hint: appended to the error for a word without ``=`` (an example, or the usage line).
-    """
-    pairs = []
-    for arg in args:
-        if "=" not in arg:
-            raise ValueError(f"expected key=value, got {arg!r}{hint}")
-        k, v = arg.split("=", 1)
-        pairs.append((k.strip().lstrip("-").replace("-", "_"), v.strip()))
-    return pairs
-
-
-def coerce_value(value: str, kind: str):
-    """The text ``value`` as a ``kind`` (``bool``, ``int``, ``float``, ``dict`` or ``str``); ValueError if it is not one."""
-    if kind == "bool":
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"not a bool: {value!r}")
-        return value.lower() in ("true", "1", "yes")
-    try:
-        if kind == "int":
-            return int(float(value)) if float(value).is_integer() else int(value)
-        if kind == "float":
-            return float(value)
-        if kind == "dict":
-            return dict(ast.literal_eval(value))
-    except SyntaxError:
-        raise ValueError(f"not a {kind}: {value!r}") from None
-    return value
-
-
-def parse_literal(value: str):
-    """A model override's value: true/false/none, a Python literal (3, 0.5, (1, 2)), else the string."""
-    low = value.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value
 
 
 def config_from_args(args: list[str]) -> TrainConfig:

@@ -59,6 +59,7 @@ def build_dataset(cfg: TrainConfig):
         folder.num_classes = max(folder.labels) + 1
     return folder
 
+
 def tiny_vae(cfg: TrainConfig):
     """codec=tiny-vae: a small VAE trained for ``vae_steps``, then its decoder alone for ``vae_decoder_steps`` on the
     frozen encoder's latents (sharper reconstructions of the same latents)."""
