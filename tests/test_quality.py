@@ -109,6 +109,27 @@ def test_one_step_reads_scores_the_denoiser_s_estimate_of_the_clean_renders():
     assert blurred["shape"] >= 0.9 and blurred["strict"] <= 0.2, blurred
 
 
+class _BlurCodec:
+    """A stand-in codec: latents are the images themselves, and decoding blurs them by a 3x3 box."""
+
+    def encode(self, x):
+        return x.clone()
+
+    def decode(self, z):
+        return torch.nn.functional.avg_pool2d(torch.nn.functional.pad(z, (1, 1, 1, 1), mode="replicate"), 3, 1)
+
+
+def test_one_step_reads_of_a_latent_model_reads_the_decoded_estimate():
+    from tld.autoencoder import IdentityCodec
+
+    renders = ShapesDataset(size=32, seed=7, length=36).batch(range(36))["image"]
+    pixel = quality.one_step_reads(_Fixed(renders), t=0.3, n=36)
+    assert quality.one_step_reads(_Fixed(renders), t=0.3, n=36, codec=IdentityCodec()) == pixel
+    # the same perfect estimate through a decoder that blurs: the codec's loss is part of the reading
+    blurred = quality.one_step_reads(_Fixed(renders), t=0.3, n=36, codec=_BlurCodec())
+    assert pixel["strict"] >= 0.95 and blurred["strict"] <= 0.2 and blurred["shape"] >= 0.9, (pixel, blurred)
+
+
 def test_the_shipped_u_dit_estimates_x0_at_render_precision_where_the_shipped_u_vit_does_not():
     """Why ``shapes-cond`` is a U-DiT: from the same perfect renders noised to t = 0.1, its one-step estimate
     of x0 fits the ideal outlines far closer (measured: U-DiT IoU 0.977, strict 0.917; U-ViT 0.950, 0.028)."""

@@ -394,6 +394,43 @@ def test_text_conditioning_errors_name_what_is_missing(tmp_path):
         T.train(smoke(tmp_path, "c", "conditioning=text", "text_encoder=/nowhere"))
 
 
+def test_class_conditioning_with_a_codec_trains_on_latents_and_exports_its_codec(tmp_path):
+    """Latent diffusion with labels (the shipped shapes-cond's recipe): codec= on a class run encodes the images
+    once, trains on the latents with the labels, and an exported model carries the codec that decodes it."""
+    from tld.autoencoder import load_codec
+    from tld.demo import export
+    from tld.evaluate import _load_generator
+    from tld.runs import codec_folder, load_model
+
+    summary = T.train(smoke(tmp_path, "lat", "codec=tiny-vae", "vae_steps=5", "cache_items=64", "max_steps=3",
+                            "sample_steps=2"))
+    run = tmp_path / "lat"
+    assert summary["steps"] == 3 and (run / "codec" / "tld_codec.json").is_file()
+    model = load_model(run)
+    assert (model.in_chans, model.img_size, model.num_classes) == (4, 8, 18)   # 16 px -> 8 x 8 x 4, 18 classes
+    cache = next(p for p in (run / "cache").iterdir() if (p / "meta.json").is_file())
+    labels = np.load(cache / "labels.npy")
+    assert len(labels) == 64 and labels.min() >= 0 and labels.max() < 18 and len(set(labels.tolist())) > 5
+    assert codec_folder(run) == run / "codec"
+    assert codec_folder(run / "checkpoints" / "step_0000003") == run / "codec"
+    shipped = export(run, tmp_path / "shipped")
+    assert (shipped / "codec" / "tld_codec.json").is_file() and codec_folder(shipped) == shipped / "codec"
+    export(shipped, shipped)   # re-exporting an exported folder onto itself keeps its codec
+    assert codec_folder(shipped) == shipped / "codec"
+    kind, gen, decode, _ = _load_generator(str(shipped), "", "cpu")
+    latents = generate(gen, "vp-cosine", prediction="x0", cond=torch.tensor([0, 17]), steps=2)
+    images = decode(latents)
+    assert kind == "class" and latents.shape == (2, 4, 8, 8) and images.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(images, load_codec(run / "codec").decode(latents))
+    with pytest.raises(ValueError, match="already encoded"):
+        T.train(smoke(tmp_path, "p", "dataset=prepared", "data_root=/nowhere", "codec=tiny-vae"))
+    with pytest.raises(ValueError, match="text_encoder is used with conditioning=text"):
+        T.train(smoke(tmp_path, "c", "text_encoder=tinyclip", "codec=tiny-vae"))
+    # a pixel model has no codec
+    pixel = T.train(smoke(tmp_path, "px", "max_steps=1"))
+    assert pixel["steps"] == 1 and codec_folder(tmp_path / "px") is None
+
+
 def test_t_max_train_keeps_every_training_time_at_or_below_it():
     from tld.config import TrainConfig, validate
     low = TrainConfig(t_max_train=0.4)

@@ -41,10 +41,11 @@ class TrainConfig:
     shapes_positions: str = ""
     conditioning: str = "class"  # class | none | text (pooled text: a tensors file's, or text_encoder's)
     # conditioning=text on captioned data (shapes, folder): the text encoder is "tinyclip" (trained here
-    # first, saved in out_dir/text_encoder) or a saved encoder's folder; the codec is "" (pixels),
-    # "tiny-vae" (trained here first, saved in out_dir/codec) or a saved codec's folder. Both run once
-    # over the first cache_items items into cache_dir (default out_dir/cache), which training then reads,
-    # and the run ends by saving a TextToImage pipeline in out_dir/pipeline.
+    # first, saved in out_dir/text_encoder) or a saved encoder's folder. On images (any conditioning) the
+    # codec is "" (pixels), "tiny-vae" (trained here first, saved in out_dir/codec) or a saved codec's
+    # folder. Both run once over the first cache_items items into cache_dir (default out_dir/cache), which
+    # training then reads; a text run ends by saving a TextToImage pipeline in out_dir/pipeline, and a class
+    # run's latents are decoded by tld.runs.codec_folder(run) (tld.demo export copies it into the model).
     text_encoder: str = ""
     codec: str = ""
     cache_dir: str = ""
@@ -323,9 +324,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.conditioning == "text" and cfg.dataset not in encoded and not cfg.text_encoder:
         raise ValueError(f"conditioning=text on dataset={cfg.dataset} needs text_encoder=tinyclip (trained "
                          f"here) or text_encoder=<a saved text encoder's folder>")
-    if (cfg.text_encoder or cfg.codec) and not (cfg.conditioning == "text" and cfg.dataset not in encoded):
-        raise ValueError(f"text_encoder and codec are used with conditioning=text on captioned data; got "
+    if cfg.text_encoder and not (cfg.conditioning == "text" and cfg.dataset not in encoded):
+        raise ValueError(f"text_encoder is used with conditioning=text on captioned data; got "
                          f"conditioning={cfg.conditioning!r}, dataset={cfg.dataset!r}")
+    if cfg.codec and cfg.dataset in encoded:
+        raise ValueError(f"codec={cfg.codec!r} encodes images, but dataset={cfg.dataset} is already encoded "
+                         f"(its latents were made by the codec python -m tld.prepare named); leave codec empty")
     if cfg.text_tokens and not (cfg.conditioning == "text" and MODEL_PRESETS[cfg.model].cls.__name__ == "UViT"):
         raise ValueError(f"text_tokens=true trains U-ViT on the text token sequence: it needs conditioning=text and "
                          f"a U-ViT model, got conditioning={cfg.conditioning!r}, model={cfg.model!r}")

@@ -18,6 +18,7 @@ and the geometric reader's IoU of its samples rises from 0.89 to 0.95 without it
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from . import train as T
 from .config import parse_key_values
 from .data import ShapesDataset
 from .quality import GUIDANCE_INTERVAL, read_samples
-from .runs import load_model, model_weights
+from .runs import codec_folder, load_model, model_weights
 from .samplers import check_interval
 from .viz import to_uint8
 
@@ -84,7 +85,12 @@ def export(checkpoint, dest, fp16: bool = False) -> Path:
     if fp16:
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
         meta["stored_dtype"] = "float16"
-    io.save_state(dest, meta, keep=("README.md",), model=weights)
+    codec = codec_folder(checkpoint)   # a latent model ships with the codec that decodes it, in dest/codec
+    with io.atomic_folder(dest, keep=("README.md",)) as tmp:
+        io.write_json(tmp / "config.json", meta)
+        io.save_tensors(tmp / "model.safetensors", weights)
+        if codec is not None:
+            shutil.copytree(codec, tmp / "codec")
     load_model(dest)  # fails loudly if what was written does not load
     return Path(dest)
 

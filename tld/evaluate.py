@@ -62,7 +62,7 @@ from .judge import (
 )
 from .pipeline import TextToImage
 from .prepare import iter_prepared_images, manifest_codec, prepared_captions
-from .runs import load_model
+from .runs import codec_folder, load_model
 from .samplers import SAMPLERS, generate, sample
 from .viz import show
 
@@ -397,7 +397,10 @@ def _load_generator(checkpoint, codec: str, device):
     model = load_model(path, device=device)
     tc = model.train_config
     dec = load_codec(codec, device).decode if codec else (lambda x: x)
-    if not codec and model.in_chans != 3 and tc.get("dataset") == "prepared":
+    own = codec_folder(path) if not codec and model.in_chans != 3 else None
+    if own is not None:   # trained with codec=: an exported model's codec/, or the run's codec folder
+        dec = load_codec(own, device).decode
+    elif not codec and model.in_chans != 3 and tc.get("dataset") == "prepared":
         # trained on a prepared folder: its manifest names the codec that made the latents
         made = Path(tc["data_root"]) / "manifest.json"
         if not made.is_file():

@@ -101,34 +101,43 @@ def shipped_class_samples(labels, steps: int = 20, guidance: float = 3.0, seed: 
 
 @torch.no_grad()
 def score_model(model, per_class: int = 4, steps: int = 30, guidance: float = 3.0, seed: int = 0,
-                guidance_interval: tuple[float, float] | None = None) -> dict:
-    """Sample ``per_class`` images of every class and read them with both readers."""
+                guidance_interval: tuple[float, float] | None = None, codec=None, sampler: str = "ddim") -> dict:
+    """Sample ``per_class`` images of every class and read them with both readers (a latent model's samples
+    decoded by ``codec`` first: ``tld.autoencoder.load_codec(tld.runs.codec_folder(path))``)."""
     labels = T.sample_grid_labels(model.num_classes, per_class)
-    images = T.generate(model, model.train_config, labels, steps=steps, guidance=guidance, seed=seed, sampler="ddim",
+    images = T.generate(model, model.train_config, labels, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
                         guidance_interval=guidance_interval)
+    if codec is not None:
+        images = codec.decode(images).clamp(-1, 1)
     return {**read_samples(images, labels), "images": images, "labels": labels}
 
 
 @torch.no_grad()
-def one_step_reads(model, t: float = 0.1, n: int = 108, seed: int = 0) -> dict:
+def one_step_reads(model, t: float = 0.1, n: int = 108, seed: int = 0, codec=None) -> dict:
     """The geometric reading of a class model's one-step estimate of x0 from *perfect* renders noised to ``t``.
 
     A sampler's last steps can draw no sharper than the denoiser's x0 estimate at low noise, so this is a
     floor under the crispness of its samples that no sampler setting lifts: renders of the model's own
     dataset (its size and positions, held-out seed 7 + seed), noised to t with the model's schedule, read
     by ``tld.geometry`` against their true shapes. A perfect denoiser scores IoU ~0.99 and strict 1.
+    A latent model (``codec``) noises the renders' latents and its estimate is decoded before it is read, so
+    the codec's own loss is part of the figure (``tld.autoencoder.reconstruction_reads`` measures that alone).
     """
     cfg = model.train_config
     kw = shapes_positions_kwargs(cfg.get("shapes_positions") or "")
-    batch = ShapesDataset(size=model.img_size, seed=7 + seed, length=n, **kw).batch(range(n))
+    size = int(cfg.get("image_size") or model.img_size) if codec is not None else model.img_size
+    batch = ShapesDataset(size=size, seed=7 + seed, length=n, **kw).batch(range(n))
     device = next(model.parameters()).device
     x0, labels = batch["image"].to(device), batch["label"].to(device)
+    if codec is not None:
+        x0 = codec.encode(x0)
     schedule = get_schedule(cfg["schedule"])
     tt = torch.full((n,), float(t), device=device)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     x_t = add_noise(x0, eps, tt, schedule)
-    x0_hat = convert(model(x_t, tt, labels), x_t, tt, schedule, cfg["prediction"], "x0").clamp(-1, 1)
-    return geometric_accuracy(x0_hat.cpu(), batch["shape"])
+    x0_hat = convert(model(x_t, tt, labels), x_t, tt, schedule, cfg["prediction"], "x0")
+    x0_hat = codec.decode(x0_hat) if codec is not None else x0_hat
+    return geometric_accuracy(x0_hat.clamp(-1, 1).cpu(), batch["shape"])
 
 
 def run_arm(name: str, keys: list[str], steps: int, evals: int, root: Path, threads: int = 0,

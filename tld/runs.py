@@ -6,7 +6,7 @@
       checkpoints/
         latest.json            {"step": S, "path": "step_000000S"}, written after the folder is complete
         step_000000S/          config.json + model.safetensors + ema.safetensors + optimizer.safetensors
-      text_encoder/, codec/    encoders a text run trained itself (``encoder_folder``)
+      text_encoder/, codec/    encoders a run trained itself (``encoder_folder``; ``codec_folder``)
       pipeline/                the TextToImage a text run ends with
 
 Every folder is written through ``tld.io`` (built beside the old one, then swapped in), so an
@@ -38,6 +38,26 @@ def encoder_folder(spec: str, out_dir, name: str) -> Path | None:
     if not spec:
         return None
     return Path(out_dir) / name if spec == TRAINED_ENCODERS[name] else Path(spec)
+
+
+def codec_folder(path) -> Path | None:
+    """The codec that decodes a latent model's samples, or None for a pixel model: an exported model's own
+    ``codec/`` (``tld.demo export`` copies it there), a run's ``codec/`` (codec=tiny-vae), or the saved folder
+    the run's ``codec=`` named. ``path`` is a run, a checkpoint or an exported folder."""
+    path = Path(path)
+    if (path / "codec").is_dir():
+        return path / "codec"
+    ckpt = latest_checkpoint(path) if (path / "checkpoints").exists() else path
+    config = (ckpt or path) / "config.json"
+    tc = io.read_json(config).get("train_config", {}) if config.is_file() else {}
+    if not tc.get("codec"):
+        return None
+    run_dir = ckpt.parent.parent if ckpt is not None and ckpt.parent.name == "checkpoints" else path
+    folder = encoder_folder(tc["codec"], run_dir, "codec")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{str(path)!r} makes latents for codec={tc['codec']!r}, but {str(folder)!r} is not "
+                                f"here; pass the codec folder that made them")
+    return folder
 
 
 def checkpoint_folder(out_dir, step: int) -> Path:

@@ -58,6 +58,7 @@ from .training_data import (
     TensorFileDataset,
     TextCached,
     build_dataset,
+    cache_latent_dataset,
     cache_text_dataset,
     model_kwargs,
     prepare_text_encoders,
@@ -223,6 +224,9 @@ def setup(cfg: TrainConfig, accelerator=None) -> Run:
     if run.text and cfg.dataset not in ("tensors", "prepared"):
         run.text_encoder, run.codec = prepare_text_encoders(cfg, accelerator, out_dir)
         run.dataset = cache_text_dataset(cfg, accelerator, dataset, run.text_encoder, run.codec, out_dir)
+    elif cfg.codec:  # latent diffusion on labelled (or unlabelled) images: encode them once
+        _, run.codec = prepare_text_encoders(cfg, accelerator, out_dir)
+        run.dataset = cache_latent_dataset(cfg, accelerator, dataset, run.codec, out_dir)
     elif run.text and accelerator.is_main_process:  # encoded text: a pipeline only with the encoders that made it
         run.text_encoder, run.codec, why = manifest_encoders(dataset.manifest, accelerator.device) \
             if cfg.dataset == "prepared" else (None, None, "a dataset=tensors file records no encoders")

@@ -70,7 +70,8 @@ def tiny_vae(cfg: TrainConfig):
 
 
 def prepare_text_encoders(cfg: TrainConfig, accelerator, out_dir: Path):
-    """(text encoder, codec or None) for conditioning=text on captioned data; trained here when asked.
+    """(text encoder or None, codec or None) for captioned or labelled data: the text encoder for
+    conditioning=text, the codec (latent diffusion) for any conditioning; each trained here when asked.
 
     The main process trains and saves them first; the others (and a resumed run) load the saved folders.
     """
@@ -94,7 +95,7 @@ def prepare_text_encoders(cfg: TrainConfig, accelerator, out_dir: Path):
 
     with accelerator.main_process_first():
         enc, codec = get(cfg.text_encoder, "text_encoder"), get(cfg.codec, "codec")
-    return load_text_encoder(enc), (load_codec(codec) if codec else None)
+    return (load_text_encoder(enc) if enc else None), (load_codec(codec) if codec else None)
 
 
 class TextCached(torch.utils.data.Dataset):
@@ -122,6 +123,32 @@ def cache_text_dataset(cfg: TrainConfig, accelerator, dataset, text_encoder, cod
         folder = build_cache(dataset, root, codec=codec, text_encoder=text_encoder, n=n, batch_size=256,
                              tokens=cfg.text_tokens)
     return TextCached(folder, tokens=cfg.text_tokens)
+
+
+class ClassCached(torch.utils.data.Dataset):
+    """A `tld.cache` folder of latents (no text) as a class-conditional run reads it: {'image': latent,
+    'label': class}; ``num_classes`` is the source dataset's, so the null class stays the same label."""
+
+    def __init__(self, folder, num_classes: int):
+        self.cache, self.num_classes = CachedDataset(folder), int(num_classes)
+
+    def __len__(self):
+        return len(self.cache)
+
+    def __getitem__(self, i):
+        item = self.cache[i]
+        return {"image": item["image"], "label": item["label"]}
+
+
+def cache_latent_dataset(cfg: TrainConfig, accelerator, dataset, codec, out_dir: Path):
+    """A class-conditional (or unconditional) run with a codec: the first ``cache_items`` images encoded once."""
+    n = min(cfg.cache_items, len(dataset))
+    root = Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "cache"
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and cfg.progress:
+            print(f"encoding {n} images once into {root}")
+        folder = build_cache(dataset, root, codec=codec, n=n, batch_size=256)
+    return ClassCached(folder, getattr(dataset, "num_classes", 0))
 
 
 class TensorFileDataset(torch.utils.data.Dataset):
