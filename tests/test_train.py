@@ -422,6 +422,14 @@ def test_class_conditioning_with_a_codec_trains_on_latents_and_exports_its_codec
     images = decode(latents)
     assert kind == "class" and latents.shape == (2, 4, 8, 8) and images.shape == (2, 3, 16, 16)
     torch.testing.assert_close(images, load_codec(run / "codec").decode(latents))
+    # the shapes report judges the decoded samples, decoded from latents that were never clipped to [-1, 1]
+    from tld.evaluate import generate_for_eval, load_for_eval
+    kind, model = load_for_eval(shipped)
+    got, asked = generate_for_eval(kind, model, 2, steps=2, guidance=1.0, sampler="ddim", seed=0)
+    tc = model.train_config
+    raw = generate(model, tc["schedule"], prediction=tc["prediction"], cond=asked["labels"], steps=2, seed=0, clamp=False)
+    torch.testing.assert_close(got, (load_codec(shipped / "codec").decode(raw).clamp(-1, 1) + 1) / 2)
+    assert got.shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match="already encoded"):
         T.train(smoke(tmp_path, "p", "dataset=prepared", "data_root=/nowhere", "codec=tiny-vae"))
     with pytest.raises(ValueError, match="text_encoder is used with conditioning=text"):

@@ -145,7 +145,9 @@ def load_for_eval(path):
             return "text", TextToImage.from_pretrained(folder)
     model = load_model(path)
     dataset = model.train_config.get("dataset", "shapes")
-    if dataset != "shapes" or model.in_chans != 3:
+    # a latent model of shapes (trained with codec=) is judged on its decoded samples
+    model.codec_path = codec_folder(path) if model.in_chans != 3 else None
+    if dataset != "shapes" or (model.in_chans != 3 and model.codec_path is None):
         raise ValueError(f"{str(path)!r} was trained on dataset={dataset!r} with {model.in_chans} channels; the "
                          "shapes classifier (FID features and adherence) judges 3-channel shapes images only")
     return "class", model
@@ -184,11 +186,13 @@ def generate_for_eval(kind: str, gen, n: int, steps: int, guidance: float, sampl
         if kind == "class":
             nc = gen.num_classes
             labels = torch.arange(n) % nc if nc else None
+            codec = load_codec(gen.codec_path) if getattr(gen, "codec_path", None) else None
             for k, idx in enumerate(batches):
                 lab = labels[idx.start:idx.stop] if labels is not None else None
                 tc = gen.train_config
                 x = generate(gen, tc["schedule"], prediction=tc["prediction"], cond=lab, n=len(idx), steps=steps,
-                             sampler=sampler, guidance=guidance if nc else 1.0, seed=seed + k)
+                             sampler=sampler, guidance=guidance if nc else 1.0, seed=seed + k, clamp=codec is None)
+                x = codec.decode(x).clamp(-1, 1) if codec is not None else x
                 out.append(((x + 1) / 2).cpu())
             asked = {"labels": labels}
         else:

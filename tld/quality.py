@@ -106,7 +106,7 @@ def score_model(model, per_class: int = 4, steps: int = 30, guidance: float = 3.
     decoded by ``codec`` first: ``tld.autoencoder.load_codec(tld.runs.codec_folder(path))``)."""
     labels = T.sample_grid_labels(model.num_classes, per_class)
     images = T.generate(model, model.train_config, labels, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
-                        guidance_interval=guidance_interval)
+                        guidance_interval=guidance_interval, clamp=codec is None)
     if codec is not None:
         images = codec.decode(images).clamp(-1, 1)
     return {**read_samples(images, labels), "images": images, "labels": labels}

@@ -91,13 +91,14 @@ def sample_grid_labels(num_classes: int, per_class: int) -> torch.Tensor:
 
 def generate(model: nn.Module, cfg_or_dict, labels: torch.Tensor | None, n: int | None = None, *, steps: int = 50,
              sampler: str = "ddim", guidance: float = 1.0, seed: int = 0, progress: bool = False,
-             guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
+             guidance_interval: tuple[float, float] | None = None, clamp: bool = True) -> torch.Tensor:
     """Samples in [-1, 1] for class labels (or n unconditional samples), with a training config's schedule
-    and prediction (``tld.samplers.generate`` with those read from the config)."""
+    and prediction (``tld.samplers.generate`` with those read from the config); ``clamp=False`` for a latent
+    model, whose latents are not in [-1, 1] until they are decoded."""
     c = cfg_or_dict if isinstance(cfg_or_dict, dict) else asdict(cfg_or_dict)
     return generate_samples(model, c["schedule"], prediction=c["prediction"], cond=labels, n=n, steps=steps,
                             sampler=sampler, guidance=guidance, seed=seed, progress=progress,
-                            guidance_interval=guidance_interval)
+                            guidance_interval=guidance_interval, clamp=clamp)
 
 
 def save_samples(ema: nn.Module, cfg: TrainConfig, num_classes: int, path: Path, per_class: int = 2,
@@ -109,11 +110,13 @@ def save_samples(ema: nn.Module, cfg: TrainConfig, num_classes: int, path: Path,
         first = min(16, len(dataset))
         cond = torch.stack([dataset[i]["text"] for i in range(first)])
         images = generate(ema, cfg, cond, steps=cfg.sample_steps, sampler=cfg.sample_sampler,
-                          guidance=cfg.sample_guidance, seed=cfg.seed, guidance_interval=interval)
+                          guidance=cfg.sample_guidance, seed=cfg.seed, guidance_interval=interval,
+                          clamp=codec is None)
     else:
         labels = sample_grid_labels(num_classes, per_class) if num_classes else None
         images = generate(ema, cfg, labels, n=16, steps=cfg.sample_steps, sampler=cfg.sample_sampler,
-                          guidance=cfg.sample_guidance, seed=cfg.seed, guidance_interval=interval)
+                          guidance=cfg.sample_guidance, seed=cfg.seed, guidance_interval=interval,
+                          clamp=codec is None)
     if codec is not None:  # latents -> pixels
         with torch.no_grad():
             images = codec.decode(images.to(next(codec.parameters()).device)).clamp(-1, 1)
