@@ -76,6 +76,11 @@ def test_shipped_models_are_found_by_name_and_a_missing_one_says_how_to_get_it(t
         assert (assets.path(name) / "README.md").is_file()
     assert assets.resolve("shapes-cond") == assets.path("shapes-cond")
     assert assets.resolve(tmp_path) == tmp_path   # a folder is a folder
+    # a folder inside a shipped model, from any working directory (presets name the shipped codec so)
+    monkeypatch.chdir(tmp_path)
+    assert assets.resolve("shapes-t2i/codec") == assets.path("shapes-t2i") / "codec"
+    assert (assets.resolve("shapes-t2i/codec") / "tld_codec.json").is_file()
+    assert assets.resolve("elsewhere/codec") == Path("elsewhere/codec")   # not a shipped name: a path as given
     with pytest.raises(ValueError, match="unknown shipped model 'nope'"):
         assets.path("nope")
     monkeypatch.setattr(assets, "ROOT", tmp_path)

@@ -11,7 +11,7 @@ from tld import train as T
 
 def test_demo_trains_judges_and_writes_a_labelled_grid(tmp_path, capsys):
     out_png = tmp_path / "samples.png"
-    rc = demo.main([f"out={out_png}", f"out_dir={tmp_path / 'run'}", "model=uvit-tiny", "image_size=16",
+    rc = demo.main([f"out={out_png}", f"out_dir={tmp_path / 'run'}", "preset=cpu-demo", "model=uvit-tiny", "image_size=16",
                     "max_steps=4", "max_minutes=0", "per_class=1", "steps=2", "progress=false",
                     f"reference={tmp_path / 'no-reference'}"])
     assert rc == 0
@@ -28,7 +28,7 @@ def test_export_then_compare_with_a_reference(tmp_path, capsys):
     ref = demo.export(run, tmp_path / "reference")
     assert sorted(p.name for p in ref.iterdir()) == ["config.json", "model.safetensors"]
     assert json.loads((ref / "config.json").read_text())["step"] == 3
-    rc = demo.main([f"out={tmp_path / 's.png'}", f"out_dir={tmp_path / 'run'}", "model=uvit-tiny",
+    rc = demo.main([f"out={tmp_path / 's.png'}", f"out_dir={tmp_path / 'run'}", "preset=cpu-demo", "model=uvit-tiny",
                     "image_size=16", "max_steps=2", "max_minutes=0", "per_class=1", "steps=2",
                     "progress=false", f"reference={ref}"])
     assert rc == 0
@@ -46,13 +46,36 @@ def test_a_missing_shipped_reference_is_an_error_before_any_training(tmp_path, m
         demo.main(args)
 
 
+def test_make_demo_trains_latent_diffusion_on_the_shipped_codec_beside_shapes_cond(tmp_path, capsys, monkeypatch):
+    """The default preset: the images encoded once by shapes-t2i's codec, a latent TLD denoiser trained on them,
+    its samples decoded, and the shipped shapes-cond (the same recipe, longer) beside it."""
+    assert demo.PRESET == "cpu-demo-latent" and demo.REFERENCES[demo.PRESET] == "shapes-cond"
+    cfg = T.config_from_args([f"preset={demo.PRESET}"])
+    assert (cfg.codec, cfg.model, cfg.max_minutes) == ("shapes-t2i/codec", "tld-course", 10)
+    seen = {}
+    real = demo.class_samples
+
+    def spy(model, *a, codec=None, **k):
+        seen.setdefault("codecs", []).append(codec)
+        return real(model, *a, codec=codec, **k)
+
+    monkeypatch.setattr(demo, "class_samples", spy)
+    rc = demo.main([f"out={tmp_path / 's.png'}", f"out_dir={tmp_path / 'run'}", "cache_items=64", "max_steps=2",
+                    "max_minutes=0", "per_class=1", "steps=2", "progress=false", "model.depth=1"])
+    assert rc == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line[:4] in ("this", "refe")]
+    assert rows == ["this", "reference"]
+    assert all(c is not None for c in seen["codecs"]) and len(seen["codecs"]) == 2   # both panels decoded
+    assert Image.open(tmp_path / "s.png").height > 18 * 32
+
+
 def test_demo_rejects_bare_words(capsys):
     assert demo.main(["fast"]) == 2
     assert "expected key=value" in capsys.readouterr().err
 
 
 def _tiny_demo_args(tmp_path):
-    return [f"out={tmp_path / 's.png'}", f"out_dir={tmp_path / 'run'}", "model=uvit-tiny", "image_size=16",
+    return [f"out={tmp_path / 's.png'}", f"out_dir={tmp_path / 'run'}", "preset=cpu-demo", "model=uvit-tiny", "image_size=16",
             "max_steps=2", "max_minutes=0", "per_class=1", "steps=2", "progress=false",
             f"reference={tmp_path / 'no-reference'}"]
 

@@ -3,16 +3,18 @@
     python -m tld.demo                       # 10-minute budget, writes runs/demo/ and samples.png
     python -m tld.demo max_minutes=2 out=x.png
     python -m tld.demo guidance_interval=none   # guide at every step, not only for t in [0.3, 1]
+    python -m tld.demo preset=cpu-demo       # the pixel-space U-ViT instead (reference: shapes-cond-uvit)
 
-It trains the class-conditional U-ViT on shapes with ``python -m tld.train preset=cpu-demo``,
-samples every class from its EMA weights and from the shipped reference checkpoint
-(``tld.assets.path("shapes-cond-uvit")``, made by the same recipe trained on for longer), reads color
-and shape two ways (``tld.quality.read_samples``: the shapes classifier and the geometric reader), and
-writes one picture of both.
+It trains the class-conditional TLD denoiser on the latents of the shipped shapes VAE with
+``python -m tld.train preset=cpu-demo-latent`` (latent diffusion: the images are encoded once by
+``shapes-t2i``'s codec, and samples are decoded by it), samples every class from its EMA weights and from the
+shipped reference (``tld.assets.path("shapes-cond")``, the same recipe trained for 4,000 steps instead of
+1,200), reads color and shape two ways (``tld.quality.read_samples``: the shapes classifier and the geometric
+reader), and writes one picture of both.
 
 Both panels are guided only while t >= 0.3 (``GUIDANCE_INTERVAL``; Kynkäänniemi et al. 2024): guidance at
-low noise pinches the reference's squares into X shapes and notches its circles (lesson 08 shows both),
-and the geometric reader's IoU of its samples rises from 0.89 to 0.95 without it (`tld/assets/shapes-cond-uvit`).
+low noise pinches squares into X shapes and notches circles (lesson 08 shows both), and the geometric
+reader's IoU of the pixel U-ViT's samples rises from 0.89 to 0.95 without it (`tld/assets/shapes-cond-uvit`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import assets, io
 from . import train as T
+from .autoencoder import load_codec
 from .config import parse_key_values
 from .data import ShapesDataset
 from .quality import GUIDANCE_INTERVAL, read_samples
@@ -35,17 +38,29 @@ from .runs import codec_folder, load_model, model_weights
 from .samplers import check_interval
 from .viz import to_uint8
 
-REFERENCE = "shapes-cond-uvit"   # the shipped model (tld.assets) the run is shown beside, unless reference= says
+PRESET = "cpu-demo-latent"   # what make demo trains, unless preset= says
+# the shipped model (tld.assets) each preset's run is shown beside, unless reference= says: the same recipe, longer
+REFERENCES = {"cpu-demo-latent": "shapes-cond", "cpu-demo": "shapes-cond-uvit"}
 
 
 @torch.no_grad()
 def class_samples(model, train_config: dict, per_class: int = 4, steps: int = 50, guidance: float = 1.0,
-                  seed: int = 0, guidance_interval: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """per_class samples of every class, in [-1, 1], with their labels."""
+                  seed: int = 0, guidance_interval: tuple[float, float] | None = None,
+                  codec=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_class samples of every class, in [-1, 1], with their labels (a latent model's decoded by ``codec``)."""
     labels = T.sample_grid_labels(model.num_classes, per_class)
     images = T.generate(model, train_config, labels, steps=steps, guidance=guidance, seed=seed,
-                        sampler=train_config.get("sample_sampler", "ddim"), guidance_interval=guidance_interval)
+                        sampler=train_config.get("sample_sampler", "ddim"), guidance_interval=guidance_interval,
+                        clamp=codec is None)
+    if codec is not None:
+        images = codec.decode(images).clamp(-1, 1)
     return images, labels
+
+
+def model_and_codec(path):
+    """A shipped or trained class model and the codec that decodes its samples (None for a pixel model)."""
+    folder = codec_folder(path)
+    return load_model(path), (load_codec(folder) if folder is not None else None)
 
 
 def labelled_grid(panels: list[tuple[str, torch.Tensor]], labels: torch.Tensor, class_names: list[str],
@@ -116,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     per_class = int(opts.pop("per_class", 4))
     steps = int(opts.pop("steps", 50))
     # a folder, or a shipped model's name: a missing shipped model is an error that says how to get it back
-    reference = assets.resolve(opts.pop("reference", REFERENCE))
-    train_args = ["preset=cpu-demo"] + [f"{k}={v}" for k, v in opts.items()]
+    preset = str(opts.pop("preset", PRESET))
+    reference = assets.resolve(opts.pop("reference", REFERENCES.get(preset, REFERENCES[PRESET])))
+    train_args = [f"preset={preset}"] + [f"{k}={v}" for k, v in opts.items()]
     cfg = T.config_from_args(train_args)
 
     wall = time.perf_counter()
@@ -129,14 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     names = ShapesDataset(size=cfg.image_size).class_names
     guidance = cfg.sample_guidance
     panels, rows = [], []
-    ours = load_model(cfg.out_dir)
-    images, labels = class_samples(ours, ours.train_config, per_class, steps, guidance, guidance_interval=interval)
+    ours, codec = model_and_codec(cfg.out_dir)
+    images, labels = class_samples(ours, ours.train_config, per_class, steps, guidance, guidance_interval=interval,
+                                   codec=codec)
     panels.append((f"this run ({summary['steps']} steps)", images))
     rows.append(("this run", read_samples(images, labels)))
     if (reference / "config.json").exists():
-        ref = load_model(reference)
+        ref, ref_codec = model_and_codec(reference)
         ref_images, _ = class_samples(ref, ref.train_config, per_class, steps, guidance,
-                                      guidance_interval=interval)
+                                      guidance_interval=interval, codec=ref_codec)
         meta = json.loads((reference / "config.json").read_text())
         # steps_in_all: a model trained on from another's weights (init_from) counts both runs' steps
         panels.append((f"reference ({meta.get('steps_in_all', meta.get('step', '?'))} steps)", ref_images))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import io
+from . import assets, io
 from .models import create
 
 __all__ = ["TRAINED_ENCODERS", "encoder_folder", "checkpoint_folder", "save_checkpoint", "latest_checkpoint",
@@ -34,10 +34,11 @@ TRAINED_ENCODERS = {"text_encoder": "tinyclip", "codec": "tiny-vae"}
 
 def encoder_folder(spec: str, out_dir, name: str) -> Path | None:
     """Where a run's text encoder or codec lives: trained by the run (spec "tinyclip" / "tiny-vae") in
-    out_dir/<name>, or the saved folder the spec names; None for no codec (pixels)."""
+    out_dir/<name>, or the saved folder the spec names (a path, or inside a shipped model: ``shapes-t2i/codec``);
+    None for no codec (pixels)."""
     if not spec:
         return None
-    return Path(out_dir) / name if spec == TRAINED_ENCODERS[name] else Path(spec)
+    return Path(out_dir) / name if spec == TRAINED_ENCODERS[name] else assets.resolve(spec)
 
 
 def codec_folder(path) -> Path | None:

@@ -16,9 +16,9 @@ __all__ = ["SHIPPED", "ROOT", "path", "available", "resolve"]
 
 # name: what it is (and the command that rebuilds it)
 SHIPPED = {
-    "shapes-cond": "the class-conditional model on 32 px shapes, a U-DiT (python -m tld.train preset=cpu-demo "
-                   "model=udit-course model.learn_sigma=false batch_size=32, then python -m tld.demo export "
-                   "--fp16; its README has the full command)",
+    "shapes-cond": "the class-conditional model on 32 px shapes: latent diffusion, the TLD denoiser on shapes-t2i's "
+                   "VAE latents, with that codec in codec/ (python -m tld.train preset=shapes-cond, then python -m "
+                   "tld.demo export --fp16)",
     "shapes-cond-uvit": "make demo's reference, the class-conditional U-ViT on 32 px shapes (python -m tld.train "
                         "preset=cpu-demo, then python -m tld.demo export --fp16)",
     "shapes-t2i": "the text-to-image pipeline on shapes (python -m tld.train preset=shapes-t2i)",
@@ -49,11 +49,12 @@ def path(name: str) -> Path:
 
 
 def resolve(path_or_name) -> Path:
-    """A folder given on a command line: an existing path as it is, else the shipped model of that name."""
+    """A folder given on a command line: an existing path as it is, else the shipped model of that name, or a
+    folder inside one (``shapes-t2i/codec``: the same from a clone and from an installed wheel)."""
     p = Path(path_or_name)
-    if p.exists() or str(path_or_name) not in SHIPPED:
+    if p.exists() or p.is_absolute() or not p.parts or p.parts[0] not in SHIPPED:
         return p
-    return path(str(path_or_name))
+    return path(p.parts[0]).joinpath(*p.parts[1:])
 
 
 def _check(name: str) -> None:

@@ -39,6 +39,9 @@ def build_wheel(dest) -> Path:
     """A wheel of this checkout in ``dest`` (what ``pip install git+...`` builds on Colab)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    # setuptools stages the package in build/lib and keeps files there that the checkout has since deleted (a
+    # shipped model removed, say), which the wheel would then carry: start from an empty staging folder
+    shutil.rmtree(REPO / "build" / "lib", ignore_errors=True)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), str(REPO)],
                           capture_output=True, text=True)
     if proc.returncode:
