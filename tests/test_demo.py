@@ -63,8 +63,9 @@ def test_make_demo_trains_latent_diffusion_on_the_shipped_codec_beside_shapes_co
     rc = demo.main([f"out={tmp_path / 's.png'}", f"out_dir={tmp_path / 'run'}", "cache_items=64", "max_steps=2",
                     "max_minutes=0", "per_class=1", "steps=2", "progress=false", "model.depth=1"])
     assert rc == 0
-    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line[:4] in ("this", "refe")]
-    assert rows == ["this", "reference"]
+    text = capsys.readouterr().out
+    rows = [line.split()[0] for line in text.splitlines() if line[:4] in ("this", "refe")]
+    assert rows == ["this", "reference"] and "2 DPM-Solver++(2M) steps" in text   # the sampler it used, named
     assert all(c is not None for c in seen["codecs"]) and len(seen["codecs"]) == 2   # both panels decoded
     assert Image.open(tmp_path / "s.png").height > 18 * 32
 

@@ -38,6 +38,7 @@ from .runs import codec_folder, load_model, model_weights
 from .samplers import check_interval
 from .viz import to_uint8
 
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "dpm++2m": "DPM-Solver++(2M)"}
 PRESET = "cpu-demo-latent"   # what make demo trains, unless preset= says
 # the shipped model (tld.assets) each preset's run is shown beside, unless reference= says: the same recipe, longer
 REFERENCES = {"cpu-demo-latent": "shapes-cond", "cpu-demo": "shapes-cond-uvit"}
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     guidance = cfg.sample_guidance
     panels, rows = [], []
     ours, codec = model_and_codec(cfg.out_dir)
+    sampler = ours.train_config.get("sample_sampler", "ddim")   # both panels sample as their run's grids did
     images, labels = class_samples(ours, ours.train_config, per_class, steps, guidance, guidance_interval=interval,
                                    codec=codec)
     panels.append((f"this run ({summary['steps']} steps)", images))
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     labelled_grid(panels, labels, names, per_class).save(out_png)
 
     print(f"\n{'samples':<12}{'color acc':>10}{'shape acc':>10}{'both':>8}{'geometry: shape':>17}{'strict':>8}"
-          f"   ({per_class} per class, {steps} DDIM steps, guidance {guidance}"
+          f"   ({per_class} per class, {steps} {SAMPLER_NAMES.get(sampler, sampler)} steps, guidance {guidance}"
           f"{f' for t in [{interval[0]}, {interval[1]}]' if interval else ' at every step'})")
     for name, acc in rows:
         print(f"{name:<12}{acc['color']:>10.3f}{acc['shape']:>10.3f}{acc['both']:>8.3f}{acc['geo_shape']:>17.3f}"
