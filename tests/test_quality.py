@@ -38,6 +38,17 @@ def test_a_sweep_trains_each_arm_with_its_keys_and_scores_every_checkpoint(tmp_p
     assert printed.count("geometry: shape") == 2   # each arm's table as soon as it is done
 
 
+def test_the_latent_arm_trains_on_the_shipped_codec_and_reads_its_decoded_samples(tmp_path, monkeypatch):
+    seen = []
+    real = quality.score_model
+    monkeypatch.setattr(quality, "score_model", lambda *a, codec=None, **k: seen.append(codec) or real(*a, codec=codec, **k))
+    (row,) = quality.sweep(["x0+latent-tld"], steps=2, evals=1, root=tmp_path, per_class=1, base="smoke")
+    tc = load_model(checkpoint_folder(tmp_path / "x0+latent-tld", 2)).train_config
+    assert (tc["codec"], tc["model"], tc["model_overrides"]["patch_size"]) == ("shapes-t2i/codec", "tld-course", 2)
+    assert len(seen) == 1 and seen[0] is not None   # decoded before the readers saw them
+    assert all(0.0 <= row[k] <= 1.0 for k in ("color", "shape", "geo_shape", "strict", "iou", "floor")), row
+
+
 def test_a_sweep_from_another_base_preset_changes_only_the_arm_s_keys(tmp_path):
     quality.sweep(["x0", "x0+all-positions"], steps=2, evals=1, root=tmp_path, per_class=1, base="cpu-lesson")
     centered, nine = (load_model(checkpoint_folder(tmp_path / a, 2)).train_config for a in ("x0", "x0+all-positions"))

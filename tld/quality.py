@@ -3,6 +3,7 @@
     python -m tld.bench quality                          # every arm, 600 steps each
     python -m tld.bench quality steps=300 arms=x0,v      # a shorter sweep of some arms
     python -m tld.bench quality base=cpu-lesson arms=x0,v,x0+all-positions steps=1000   # lesson 12's model
+    python -m tld.bench quality arms=x0,x0+latent-tld       # pixels against latent diffusion (make demo)
 
 Every arm is ``preset=cpu-demo`` (or the preset ``base=`` names) with the plain loss (``loss_weighting=none``) and
 a few keys changed (``ARMS``), so ``x0`` is the unweighted x0 loss whatever the base; trained from the same seed for the
@@ -32,12 +33,13 @@ import torch
 
 from . import assets
 from . import train as T
+from .autoencoder import load_codec
 from .config import config_from_args, parse_key_values
 from .data import DEFAULT_COLORS, POSITIONS, SHAPES, ShapesDataset
 from .diffusion import add_noise, convert, get_schedule
 from .geometry import geometric_accuracy
 from .judge import shapes_accuracy
-from .runs import checkpoint_folder, load_model
+from .runs import checkpoint_folder, codec_folder, load_model
 from .samplers import GUIDANCE_INTERVAL, check_interval
 from .training_data import shapes_positions_kwargs
 
@@ -60,6 +62,8 @@ ARMS: dict[str, list[str]] = {
     "x0+centered": ["shapes_positions=center"],
     "x0+all-positions": ["shapes_positions=" + ",".join(POSITIONS)],
     "x0+wide192-depth4": ["model.embed_dim=192", "model.depth=4", "model.num_heads=6"],
+    # latent diffusion (make demo's recipe since 2026-12-04): the TLD denoiser on shapes-t2i's VAE latents
+    "x0+latent-tld": ["codec=shapes-t2i/codec", "model=tld-course", "model.patch_size=2", "cache_items=10000"],
 }
 
 
@@ -151,17 +155,19 @@ def run_arm(name: str, keys: list[str], steps: int, evals: int, root: Path, thre
     cfg = config_from_args(args)
     summary = T.train(cfg)
     seconds = {r["step"]: r["seconds"] for r in map(json.loads, (root / name / "log.jsonl").read_text().splitlines())}
+    found = codec_folder(root / name)   # a latent arm's samples are decoded before they are read
+    codec = load_codec(found) if found is not None else None
     rows = []
     for step in sorted({min(k * every, steps) for k in range(1, evals + 1)} | {steps}):
         folder = checkpoint_folder(root / name, step)
         if not folder.exists():
             continue
         model = load_model(folder)
-        s = score_model(model, per_class=per_class, guidance_interval=interval)
+        s = score_model(model, per_class=per_class, guidance_interval=interval, codec=codec)
         rows.append({"arm": name, "step": step, "minutes": seconds.get(step, summary["seconds"]) / 60,
                      "steps_per_s": summary["steps_per_second"], **{k: v for k, v in s.items()
                                                                      if k not in ("images", "labels")},
-                     "floor": one_step_reads(model, FLOOR_T)["iou"]})
+                     "floor": one_step_reads(model, FLOOR_T, codec=codec)["iou"]})
     return rows
 
 
