@@ -11,10 +11,12 @@
         n=50000 out=samples.npz ref=VIRTUAL_imagenet256_labeled.npz features=inception \
         sampler=ddpm steps=250 guidance=1.5 batch_size=125
 
-The scores come from `tld.judge` (the shapes classifier: color, shape, position adherence) and
-`tld.fid` (FID and KID on Inception or classifier features, each figure named by its feature space);
-this module samples a checkpoint or a text-to-image pipeline, scores the samples and writes
-report.json with labelled pictures, or (out=*.npz) the samples file and <out>.score.json.
+The scores come from `tld.judge` (the shapes classifier: color, shape, position adherence), `tld.geometry`
+(a second reader of shape that fits each asked kind's ideal outline; ``strict`` asks for render-precise edges,
+where the classifier accepts notched or rounded corners) and `tld.fid` (FID and KID on Inception or classifier
+features, each figure named by its feature space); this module samples a checkpoint or a text-to-image
+pipeline, scores the samples and writes report.json with labelled pictures, or (out=*.npz) the samples file
+and <out>.score.json.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from .fid import (
     kid,
     resolve_features,
 )
+from .geometry import geometric_accuracy, strict_iou
 from .judge import (
     HELD_OUT_SEED,
     PRETRAINED_DIR,
@@ -63,7 +66,7 @@ from .judge import (
 from .pipeline import TextToImage
 from .prepare import iter_prepared_images, manifest_codec, prepared_captions
 from .runs import codec_folder, load_model
-from .samplers import SAMPLERS, generate, sample
+from .samplers import SAMPLERS, check_interval, generate, sample
 from .viz import show
 
 __all__ = [
@@ -73,7 +76,8 @@ __all__ = [
     "fid", "kid", "frechet_distance", "feature_statistics", "image_features", "inception_available",
     "HELD_OUT_SEED", "held_out_captions", "FID_FEATURES", "PRETRAINED_DIR",
     # evaluating a checkpoint
-    "evaluate_checkpoint", "eval_config_from_args", "load_for_eval", "generate_for_eval", "format_summary", "main",
+    "evaluate_checkpoint", "eval_config_from_args", "load_for_eval", "guidance_interval_for", "generate_for_eval",
+    "format_summary", "main",
     # the FID-50K protocol
     "sample_to_npz", "score_npz", "evaluate_protocol", "format_protocol", "write_npz", "iter_npz", "npz_keys",
 ]
@@ -85,10 +89,10 @@ EVAL_KEYS = {  # key: (default, type); None default = required
     "checkpoint": (None, str), "n": (None, int), "steps": (20, int), "guidance": (3.0, float),
     "sampler": ("dpm++2m", str), "seed": (0, int), "out": ("", str), "features": ("", str),
     "batch_size": (64, int), "progress": (True, bool), "ref": ("", str), "codec": ("", str), "ref_n": (0, int),
-    "captions": ("", str),
+    "captions": ("", str), "guidance_interval": ("model", str),
 }
-EVAL_USAGE = ("python -m tld.evaluate checkpoint=PATH n=N [steps=20] [guidance=3] [sampler=dpm++2m] [seed=0] "
-              "[out=DIR] [features=classifier] [batch_size=64] [progress=true]\n"
+EVAL_USAGE = ("python -m tld.evaluate checkpoint=PATH n=N [steps=20] [guidance=3] [guidance_interval=model|none|LO,HI] "
+              "[sampler=dpm++2m] [seed=0] [out=DIR] [features=classifier] [batch_size=64] [progress=true]\n"
               "       [accelerate launch -m] python -m tld.evaluate checkpoint=PATH n=50000 out=samples.npz "
               "[ref=REF.npz|FOLDER|PREPARED] [ref_n=0] [features=inception] [codec=FOLDER] [captions=PREPARED|FILE.txt] ...\n"
               "       python -m tld.evaluate train-classifier [--out DIR] [--steps N] [--seed S]")
@@ -118,6 +122,8 @@ def eval_config_from_args(args: list[str]) -> dict:
             raise ValueError(f"{k} must be at least {lo}, got {cfg[k]}")
     if cfg["guidance"] < 0:
         raise ValueError(f"guidance must be >= 0 (1 = no guidance), got {cfg['guidance']}")
+    if cfg["guidance_interval"] != "model":
+        check_interval(cfg["guidance_interval"], "guidance_interval")   # a bad value is an error before sampling
     if cfg["sampler"] not in SAMPLERS:
         raise ValueError(f"unknown sampler {cfg['sampler']!r}; valid samplers: {', '.join(SAMPLERS)}")
     protocol = cfg["out"].endswith(".npz")
@@ -153,6 +159,16 @@ def load_for_eval(path):
     return "class", model
 
 
+def guidance_interval_for(kind: str, gen, spec="model") -> tuple[float, float] | None:
+    """The interval of t in which to guide: ``spec`` when given ("none": every step; "lo,hi"), else ("model") the
+    model's own, the one its run sampled with: a class run's ``sample_guidance_interval`` (the course's CPU
+    presets guide for t in [0.3, 1]; the papers' recipes at every step), a text pipeline's ``guidance_interval``."""
+    if spec != "model":
+        return check_interval(spec, "guidance_interval")
+    own = gen.config.get("guidance_interval") if kind == "text" else gen.train_config.get("sample_guidance_interval")
+    return check_interval(own, "guidance_interval")
+
+
 class _StepBar:
     """One tqdm bar over every sampler step of every batch (a forward hook ticks it per model call)."""
 
@@ -172,8 +188,10 @@ class _StepBar:
 
 
 def generate_for_eval(kind: str, gen, n: int, steps: int, guidance: float, sampler: str, seed: int,
-                      batch_size: int = 64, progress: bool = False) -> tuple[torch.Tensor, dict]:
-    """n samples [n, 3, H, W] in [0, 1] and what each was asked for.
+                      batch_size: int = 64, progress: bool = False,
+                      guidance_interval: tuple[float, float] | None = None) -> tuple[torch.Tensor, dict]:
+    """n samples [n, 3, H, W] in [0, 1] and what each was asked for, guided only for t in ``guidance_interval``
+    (None: at every step).
 
     class: labels cycle over the classes (label = shape * n_colors + color, as ShapesDataset);
     text: the captions of the held-out ShapesDataset(seed=777). Batch k uses seed + k.
@@ -191,15 +209,18 @@ def generate_for_eval(kind: str, gen, n: int, steps: int, guidance: float, sampl
                 lab = labels[idx.start:idx.stop] if labels is not None else None
                 tc = gen.train_config
                 x = generate(gen, tc["schedule"], prediction=tc["prediction"], cond=lab, n=len(idx), steps=steps,
-                             sampler=sampler, guidance=guidance if nc else 1.0, seed=seed + k, clamp=codec is None)
-                x = codec.decode(x).clamp(-1, 1) if codec is not None else x
+                             sampler=sampler, guidance=guidance if nc else 1.0, seed=seed + k, clamp=codec is None,
+                             guidance_interval=guidance_interval)
+                if codec is not None:
+                    with torch.no_grad():   # no autograd graph kept across the whole decoded batch
+                        x = codec.decode(x).clamp(-1, 1)
                 out.append(((x + 1) / 2).cpu())
             asked = {"labels": labels}
         else:
             captions = held_out_captions(n)
             for k, idx in enumerate(batches):
                 out.append(gen([captions[i] for i in idx], steps=steps, guidance=guidance, seed=seed + k,
-                               sampler=sampler))
+                               sampler=sampler, guidance_interval=guidance_interval))
             asked = {"captions": captions}
     finally:
         bar.close()
@@ -225,8 +246,11 @@ def _class_names(targets: dict, clf: ShapesClassifier) -> list:
 
 def evaluate_checkpoint(checkpoint, n: int, steps: int = 20, guidance: float = 3.0, sampler: str = "dpm++2m",
                         seed: int = 0, out=None, features: str = "classifier", batch_size: int = 64,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, guidance_interval="model") -> dict:
     """Sample n images from a checkpoint, score them, write report.json + pictures into `out`.
+
+    Guidance applies for t in ``guidance_interval``: by default ("model") the interval the model's run sampled
+    with (``guidance_interval_for``), "none" or None at every step, or (lo, hi) / "lo,hi".
 
     FID compares the samples with n held-out real shapes (ShapesDataset seed 777, rendered at the
     samples' size); `fid_real_floor` is FID between two real sets of the same n, the value a
@@ -241,8 +265,9 @@ def evaluate_checkpoint(checkpoint, n: int, steps: int = 20, guidance: float = 3
             else Path(checkpoint) / "eval"
     out = Path(out)
     kind, gen = load_for_eval(checkpoint)
+    interval = guidance_interval_for(kind, gen, guidance_interval if guidance_interval is not None else "none")
     t1 = time.perf_counter()
-    images, asked = generate_for_eval(kind, gen, n, steps, guidance, sampler, seed, batch_size, progress)
+    images, asked = generate_for_eval(kind, gen, n, steps, guidance, sampler, seed, batch_size, progress, interval)
     sampling_s = time.perf_counter() - t1
     size = images.shape[-1]
     real = (ShapesDataset(size=size, seed=HELD_OUT_SEED, length=n).batch(range(n))["image"] + 1) / 2
@@ -256,7 +281,7 @@ def evaluate_checkpoint(checkpoint, n: int, steps: int = 20, guidance: float = 3
     kid_value, kid_stderr = kid(f_gen, f_real)   # unbiased at this n, unlike FID
 
     targets = _attribute_targets(asked, clf.colors)
-    adherence, per_class, right = None, {}, None
+    adherence, per_class, right, geometry = None, {}, None, None
     if targets is not None:
         adherence = shapes_accuracy(images * 2 - 1, targets["shape"], targets["color"], targets.get("position"),
                                     classifier=clf)
@@ -268,6 +293,10 @@ def evaluate_checkpoint(checkpoint, n: int, steps: int = 20, guidance: float = 3
             if sel:
                 per_class[name] = right[sel].float().mean().item()
         captions = asked.get("captions") or names
+        # the second reader, sharing nothing with the classifier: fit each asked kind's ideal outline (tld.geometry)
+        geometry = geometric_accuracy(images * 2 - 1, _as_indices(targets["shape"], clf.shapes, "shape").tolist(),
+                                      names=tuple(clf.shapes))
+        geometry["strict_iou"] = strict_iou(size)
     else:
         captions = [f"sample {i}" for i in range(n)]
 
@@ -280,12 +309,13 @@ def evaluate_checkpoint(checkpoint, n: int, steps: int = 20, guidance: float = 3
         matplotlib.use(backend, force=True)
     report = {
         "checkpoint": str(checkpoint), "kind": kind, "n": n, "steps": steps, "guidance": guidance,
+        "guidance_interval": list(interval) if interval is not None else None,
         "sampler": sampler, "seed": seed, "image_size": size,
         "seconds": round(time.perf_counter() - t0, 3), "sampling_seconds": round(sampling_s, 3),
         "fid": fid_value, "fid_features": feature_space(features, clf), "fid_real_floor": fid_floor,
         "kid": kid_value, "kid_stderr": kid_stderr,
         "fid_real": f"ShapesDataset(size={size}, seed={HELD_OUT_SEED}), first {n} items",
-        "adherence": adherence, "per_class": per_class, "files": files,
+        "adherence": adherence, "geometry": geometry, "per_class": per_class, "files": files,
     }
     if kind == "class":
         report["num_classes"] = gen.num_classes
@@ -350,14 +380,19 @@ def _write_pictures(out: Path, images, captions, right, per_class: dict, f_gen, 
     return files
 
 
+def _where(interval) -> str:
+    return "at every step" if not interval else f"for t in [{interval[0]:g}, {interval[1]:g}]"
+
+
 def format_summary(report: dict) -> str:
     """The one-screen summary printed at the end of `python -m tld.evaluate`."""
     what = (f"class-conditional, {report['num_classes']} classes" if report["kind"] == "class"
             else "text-to-image pipeline")
     lines = [
         f"evaluated {report['checkpoint']} ({what}, {report['image_size']}x{report['image_size']})",
-        f"  {report['n']} samples: {report['sampler']} {report['steps']} steps, guidance {report['guidance']:g}, "
-        f"seed {report['seed']}; sampling {report['sampling_seconds']:.1f} s, {report['seconds']:.1f} s in all",
+        f"  {report['n']} samples: {report['sampler']} {report['steps']} steps, guidance {report['guidance']:g} "
+        f"{_where(report.get('guidance_interval'))}, seed {report['seed']}; "
+        f"sampling {report['sampling_seconds']:.1f} s, {report['seconds']:.1f} s in all",
         f"  FID ({report['fid_features']} features, vs {report['n']} held-out real)  {report['fid']:10.2f}",
         f"  FID real vs real at the same n (the floor)          {report['fid_real_floor']:10.2f}",
     ]
@@ -367,7 +402,12 @@ def format_summary(report: dict) -> str:
     adh = report["adherence"]
     if adh is not None:
         parts = [f"{k} {adh[k]:.3f}" for k in ("color", "shape", "position", "all") if adh.get(k) is not None]
-        lines.append("  adherence  " + "  ".join(parts))
+        lines.append("  adherence (shapes classifier)  " + "  ".join(parts))
+    geo = report.get("geometry")
+    if geo is not None:
+        lines.append(f"  geometry (ideal outlines)     shape {geo['shape']:.3f}  strict {geo['strict']:.3f}  "
+                     f"IoU {geo['iou']:.3f}  (strict: the asked kind at IoU >= {geo['strict_iou']:.3f})")
+    if adh is not None:
         worst = sorted((kv for kv in report["per_class"].items() if kv[1] < 1), key=lambda kv: kv[1])[:3]
         lines.append("  weakest classes  " + (", ".join(f"{k} {v:.2f}" for k, v in worst) if worst
                                               else "none: every class read back right"))
@@ -494,7 +534,7 @@ def npz_keys(path) -> dict:
 
 def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float = 3.0, sampler: str = "dpm++2m",
                   seed: int = 0, batch_size: int = 64, codec: str = "", progress: bool = False,
-                  captions: str = "") -> Path:
+                  captions: str = "", guidance_interval="model") -> Path:
     """Sample n images into ADM's .npz format (``arr_0`` uint8 [n, H, W, 3]; ``arr_1`` int64 labels for a
     class model), across every process of ``accelerate launch``.
 
@@ -505,6 +545,8 @@ def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float =
     prepared folder, e.g. the validation set that is also ``ref``, or a text file of one caption a line;
     default: the held-out shapes captions). Each batch is saved to ``<out>.parts/`` as it is made, so a killed run
     resumes at the batches not yet written; the main process then streams them into ``out``.
+    Guidance applies for t in ``guidance_interval`` (``guidance_interval_for``: by default the model's own, which
+    for the papers' recipes is every step).
     """
     from accelerate import PartialState
 
@@ -513,6 +555,8 @@ def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float =
     parts = out.with_name(out.name + ".parts")
     settings = {"checkpoint": str(checkpoint), "n": n, "steps": steps, "guidance": guidance, "sampler": sampler,
                 "seed": seed, "batch_size": batch_size, "codec": codec}
+    if guidance_interval != "model":
+        settings["guidance_interval"] = guidance_interval
     if captions:
         settings["captions"] = captions
     done = out.with_name(out.name + ".json")
@@ -529,6 +573,7 @@ def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float =
     device = state.device if state.device.type == "cuda" else torch.device("cpu")   # not "cpu:0": safetensors
     kind, gen, decode, cfg = _load_generator(checkpoint, codec, device)
     model = gen.denoiser if kind == "text" else gen
+    interval = guidance_interval_for(kind, gen, guidance_interval if guidance_interval is not None else "none")
     prompts = _protocol_captions(captions, n) if kind == "text" else None
     if captions and kind != "text":
         raise ValueError(f"captions={captions!r} is for a text-to-image pipeline; {str(checkpoint)!r} is a {kind} model")
@@ -551,7 +596,7 @@ def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float =
         with torch.no_grad():
             z = sample(model, noise.to(device), cfg["schedule"], sampler=sampler, steps=steps,
                        prediction=cfg["prediction"], cond=cond, null_cond=null,
-                       guidance=guidance if cond is not None else 1.0,
+                       guidance=guidance if cond is not None else 1.0, guidance_interval=interval,
                        generator=torch.Generator().manual_seed(_batch_seed(seed, k)), progress=False)
             images = decode(z)
         if labels is not None:
@@ -690,13 +735,15 @@ def score_npz(samples, ref, features: str = "inception", classifier=None, batch_
 
 def evaluate_protocol(checkpoint, n: int, out, ref: str = "", features: str = "inception", steps: int = 20,
                       guidance: float = 3.0, sampler: str = "dpm++2m", seed: int = 0, batch_size: int = 64,
-                      codec: str = "", progress: bool = False, ref_n: int = 0, captions: str = "") -> dict | None:
+                      codec: str = "", progress: bool = False, ref_n: int = 0, captions: str = "",
+                      guidance_interval="model") -> dict | None:
     """``python -m tld.evaluate checkpoint=... n=50000 out=samples.npz ref=...``: sample (every process), then
     score on the main process; writes ``<out>.score.json``. Returns the scores (None on other processes)."""
     from accelerate import PartialState
 
     out = sample_to_npz(checkpoint, n, out, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
-                        batch_size=batch_size, codec=codec, progress=progress, captions=captions)
+                        batch_size=batch_size, codec=codec, progress=progress, captions=captions,
+                        guidance_interval=guidance_interval)
     state = PartialState(cpu=not torch.cuda.is_available())   # gloo on a CPU machine, as the trainer
     if not state.is_main_process:
         return None

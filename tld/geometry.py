@@ -129,7 +129,7 @@ def _fit_one(cov: np.ndarray, shape: str, xs: np.ndarray, ys: np.ndarray) -> tup
 
 def fit_shapes(images, shapes=SHAPES) -> dict:
     """For images [B, 3, H, W] in [-1, 1]: {'iou': [B, n_shapes] best fit per kind, 'shape': [B] best kind}."""
-    x = torch.as_tensor(images).float().cpu().numpy()
+    x = torch.as_tensor(images).detach().float().cpu().numpy()
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W] in [-1, 1], got shape {tuple(x.shape)}")
     h, w = x.shape[-2:]
