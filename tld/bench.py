@@ -585,9 +585,9 @@ H100_CPU_DEMO_STEPS_PER_S = 28.2
 # this table: change both together). Lessons that train through tld.train give their key=value arguments;
 # lesson 05 trains by hand, and gives its parameters. ``steps`` is every optimiser step of one run of ``runs``;
 # ``extra`` holds runs with their own configuration (lessons 04 and 05's cpu-lesson model that draws, the same
-# recipe at every preset: fp32, 1,000 steps).
+# recipe at every preset: fp32, 1,000 steps for 04's U-ViT, 2,000 for 05's DiT).
 CPU_LESSON_DIT = dict(train=["preset=cpu-lesson", "model=dit-course", "model.patch_size=4", "model.embed_dim=64",
-                             "model.depth=4", "model.num_heads=4"], steps=1000, precision="fp32")
+                             "model.depth=4", "model.num_heads=4", "max_steps=2000"], steps=2000, precision="fp32")
 COLAB_LESSONS = {
     "04_uvit_long_skips": dict(
         precision="fp16", steps=1000, note="three runs, one per skip; the cpu-lesson U-ViT",
