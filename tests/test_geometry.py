@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tld.data import SHAPES, ShapesDataset
-from tld.geometry import DISTORTIONS, distorted_batch, fit_shapes, geometric_accuracy, strict_iou
+from tld.geometry import DISTORTIONS, distorted_batch, fit_shapes, geometric_accuracy, geometric_reads, strict_iou
 from tld.judge import shapes_accuracy
 
 
@@ -63,3 +63,17 @@ def test_bad_inputs_name_the_problem():
         distorted_batch("wobbly")
     with pytest.raises(ValueError, match="2 images but 3"):
         geometric_accuracy(ShapesDataset(size=32).grid(2), [0, 1, 2])
+
+
+def test_per_image_reads_mark_exactly_the_distorted_images_and_summarise_to_the_accuracy():
+    renders = ShapesDataset(size=32, seed=11, length=24).batch(range(24))
+    notched, imitates = distorted_batch("notched square", 12, seed=11)
+    images = torch.cat([renders["image"], notched])
+    shapes = [SHAPES[int(k)] for k in renders["shape"]] + imitates
+    reads = geometric_reads(images, shapes)
+    assert all(v.shape == (36,) for v in reads.values()), {k: v.shape for k, v in reads.items()}
+    assert reads["passed"][:24].all() and not reads["passed"][24:].any(), reads["passed"]
+    assert (reads["passed"] <= reads["right"]).all()   # passing asks for the right kind too
+    acc = geometric_accuracy(images, shapes)
+    assert acc["strict"] == pytest.approx(24 / 36) and acc["shape"] == pytest.approx(reads["right"].float().mean().item())
+    assert acc["iou"] == pytest.approx(reads["iou"].mean().item())

@@ -49,7 +49,7 @@ from .fid import (
     kid,
     resolve_features,
 )
-from .geometry import geometric_accuracy, strict_iou
+from .geometry import geometric_reads, strict_iou
 from .judge import (
     HELD_OUT_SEED,
     PRETRAINED_DIR,
@@ -281,7 +281,7 @@ def evaluate_checkpoint(checkpoint, n: int, steps: int = 20, guidance: float = 3
     kid_value, kid_stderr = kid(f_gen, f_real)   # unbiased at this n, unlike FID
 
     targets = _attribute_targets(asked, clf.colors)
-    adherence, per_class, right, geometry = None, {}, None, None
+    adherence, per_class, right, geometry, outline_ok = None, {}, None, None, None
     if targets is not None:
         adherence = shapes_accuracy(images * 2 - 1, targets["shape"], targets["color"], targets.get("position"),
                                     classifier=clf)
@@ -294,9 +294,11 @@ def evaluate_checkpoint(checkpoint, n: int, steps: int = 20, guidance: float = 3
                 per_class[name] = right[sel].float().mean().item()
         captions = asked.get("captions") or names
         # the second reader, sharing nothing with the classifier: fit each asked kind's ideal outline (tld.geometry)
-        geometry = geometric_accuracy(images * 2 - 1, _as_indices(targets["shape"], clf.shapes, "shape").tolist(),
-                                      names=tuple(clf.shapes))
-        geometry["strict_iou"] = strict_iou(size)
+        reads = geometric_reads(images * 2 - 1, _as_indices(targets["shape"], clf.shapes, "shape").tolist(),
+                                names=tuple(clf.shapes))
+        outline_ok = reads["passed"]
+        geometry = {"shape": reads["right"].float().mean().item(), "strict": outline_ok.float().mean().item(),
+                    "iou": reads["iou"].mean().item(), "strict_iou": strict_iou(size)}
     else:
         captions = [f"sample {i}" for i in range(n)]
 
@@ -304,7 +306,7 @@ def evaluate_checkpoint(checkpoint, n: int, steps: int = 20, guidance: float = 3
     backend = matplotlib.get_backend()
     matplotlib.use("Agg", force=True)   # files only: no window, also without a display
     try:
-        files = _write_pictures(out, images, captions, right, per_class, f_gen, f_real, kind)
+        files = _write_pictures(out, images, captions, right, per_class, f_gen, f_real, kind, outline_ok)
     finally:
         matplotlib.use(backend, force=True)
     report = {
@@ -324,7 +326,8 @@ def evaluate_checkpoint(checkpoint, n: int, steps: int = 20, guidance: float = 3
     return report
 
 
-def _write_pictures(out: Path, images, captions, right, per_class: dict, f_gen, f_real, kind: str) -> list:
+def _write_pictures(out: Path, images, captions, right, per_class: dict, f_gen, f_real, kind: str,
+                    outline_ok=None) -> list:
     import textwrap
 
     import matplotlib.pyplot as plt
@@ -333,15 +336,18 @@ def _write_pictures(out: Path, images, captions, right, per_class: dict, f_gen, 
     files = []
     k = min(len(images), 36)   # a readable grid: the first 36 samples
     fig = show(images[:k], nrow=min(k, 9 if kind == "text" else 6), labels=captions[:k], size=1.3, fontsize=6,
-               title="samples (red label: the classifier reads something else)" if right is not None else "samples")
+               title=("samples. Red label: the classifier reads something else.\nOrange: read right, but "
+                      "not at render precision (tld.geometry's strict)")
+               if right is not None else "samples")
     lines = max(len(textwrap.wrap(str(c), 18)) for c in captions[:k])   # show() wraps labels at 18 characters
     if lines > 1:   # make room for the extra lines above each row
         w, h = fig.get_size_inches()
         fig.set_size_inches(w, h + 0.13 * (lines - 1) * -(-k // min(k, 9 if kind == "text" else 6)))
         fig.tight_layout()
     if right is not None:
-        for ax, ok in zip(fig.axes, right[:k].tolist()):
-            ax.title.set_color("black" if ok else "red")
+        crisp = outline_ok[:k].tolist() if outline_ok is not None else [True] * k
+        for ax, ok, sharp in zip(fig.axes, right[:k].tolist(), crisp):
+            ax.title.set_color("red" if not ok else "black" if sharp else "darkorange")
     fig.savefig(out / "samples.png", dpi=100)
     plt.close(fig)
     files.append("samples.png")

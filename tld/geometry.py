@@ -35,7 +35,7 @@ import torch
 
 from .data import _TRIANGLE_SCALE, SHAPES, ShapesDataset, _signed_distance
 
-__all__ = ["strict_iou", "fit_shapes", "geometric_accuracy", "distorted_batch", "DISTORTIONS"]
+__all__ = ["strict_iou", "fit_shapes", "geometric_reads", "geometric_accuracy", "distorted_batch", "DISTORTIONS"]
 
 STRICT_EDGE = 1.0   # strict_iou(size) = 1 - STRICT_EDGE / size: a fixed budget of about one pixel of edge
 NOISE_FLOOR = 0.1   # coverage below this counts as background, above 1 - this as the shape (see _floor)
@@ -143,12 +143,12 @@ def fit_shapes(images, shapes=SHAPES) -> dict:
     return {"iou": torch.from_numpy(iou), "shape": torch.from_numpy(iou.argmax(1)), "wrong_pixels": torch.from_numpy(wrong)}
 
 
-def geometric_accuracy(images, shapes, threshold: float | None = None, names=SHAPES) -> dict:
-    """The strict reading of images [B, 3, H, W] in [-1, 1] against the asked shapes (indices or names).
+def geometric_reads(images, shapes, threshold: float | None = None, names=SHAPES) -> dict:
+    """Per image, the strict reading of images [B, 3, H, W] in [-1, 1] against the asked shapes (indices or names).
 
-    Returns {'shape': the fraction read as the asked kind, 'strict': the fraction read as the asked kind
-    *and* fitting it with IoU >= threshold (default ``strict_iou`` of the image size), 'iou': the mean IoU
-    with the asked kind, 'wrong_pixels': the median count of pixels off the fitted asked kind}.
+    Returns [B] tensors: 'right' (read as the asked kind), 'passed' (right *and* fitting it with IoU >= threshold,
+    default ``strict_iou`` of the image size), 'iou' (with the asked kind) and 'wrong_pixels' (pixels off the
+    fitted asked kind); ``geometric_accuracy`` is their summary.
     """
     asked = torch.tensor([names.index(s) if isinstance(s, str) else int(s) for s in shapes])
     fit = fit_shapes(images, names)
@@ -157,9 +157,20 @@ def geometric_accuracy(images, shapes, threshold: float | None = None, names=SHA
         raise ValueError(f"got {len(fit['shape'])} images but {len(asked)} shapes")
     right = fit["shape"] == asked
     iou_asked = fit["iou"][torch.arange(len(asked)), asked]
-    wrong = fit["wrong_pixels"][torch.arange(len(asked)), asked]
-    return {"shape": right.float().mean().item(), "strict": (right & (iou_asked >= threshold)).float().mean().item(),
-            "iou": iou_asked.mean().item(), "wrong_pixels": wrong.float().median().item()}
+    return {"right": right, "passed": right & (iou_asked >= threshold), "iou": iou_asked,
+            "wrong_pixels": fit["wrong_pixels"][torch.arange(len(asked)), asked]}
+
+
+def geometric_accuracy(images, shapes, threshold: float | None = None, names=SHAPES) -> dict:
+    """The strict reading of images [B, 3, H, W] in [-1, 1] against the asked shapes (indices or names).
+
+    Returns {'shape': the fraction read as the asked kind, 'strict': the fraction read as the asked kind
+    *and* fitting it with IoU >= threshold (default ``strict_iou`` of the image size), 'iou': the mean IoU
+    with the asked kind, 'wrong_pixels': the median count of pixels off the fitted asked kind}.
+    """
+    r = geometric_reads(images, shapes, threshold, names)
+    return {"shape": r["right"].float().mean().item(), "strict": r["passed"].float().mean().item(),
+            "iou": r["iou"].mean().item(), "wrong_pixels": r["wrong_pixels"].float().median().item()}
 
 
 # --------------------------------------------------------------------------- deliberately distorted shapes
