@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from tld.data import SHAPES, ShapesDataset
-from tld.geometry import DISTORTIONS, distorted_batch, fit_shapes, geometric_accuracy, geometric_reads, strict_iou
+from tld.geometry import (
+    DISTORTIONS,
+    distorted_batch,
+    fit_shapes,
+    geometric_accuracy,
+    geometric_reads,
+    strict_iou,
+)
 from tld.judge import shapes_accuracy
 
 

@@ -49,7 +49,7 @@ from .fid import (
     kid,
     resolve_features,
 )
-from .geometry import geometric_reads, strict_iou
+from .geometry import geometric_reads, strict_iou, summarise_reads
 from .judge import (
     HELD_OUT_SEED,
     PRETRAINED_DIR,
@@ -160,7 +160,7 @@ def load_for_eval(path):
 
 
 def guidance_interval_for(kind: str, gen, spec="model") -> tuple[float, float] | None:
-    """The interval of t in which to guide: ``spec`` when given ("none": every step; "lo,hi"), else ("model") the
+    """The interval of t in which to guide: ``spec`` when given ("none" or None: every step; "lo,hi"), else ("model") the
     model's own, the one its run sampled with: a class run's ``sample_guidance_interval`` (the course's CPU
     presets guide for t in [0.3, 1]; the papers' recipes at every step), a text pipeline's ``guidance_interval``."""
     if spec != "model":
@@ -265,7 +265,7 @@ def evaluate_checkpoint(checkpoint, n: int, steps: int = 20, guidance: float = 3
             else Path(checkpoint) / "eval"
     out = Path(out)
     kind, gen = load_for_eval(checkpoint)
-    interval = guidance_interval_for(kind, gen, guidance_interval if guidance_interval is not None else "none")
+    interval = guidance_interval_for(kind, gen, guidance_interval)
     t1 = time.perf_counter()
     images, asked = generate_for_eval(kind, gen, n, steps, guidance, sampler, seed, batch_size, progress, interval)
     sampling_s = time.perf_counter() - t1
@@ -297,8 +297,7 @@ def evaluate_checkpoint(checkpoint, n: int, steps: int = 20, guidance: float = 3
         reads = geometric_reads(images * 2 - 1, _as_indices(targets["shape"], clf.shapes, "shape").tolist(),
                                 names=tuple(clf.shapes))
         outline_ok = reads["passed"]
-        geometry = {"shape": reads["right"].float().mean().item(), "strict": outline_ok.float().mean().item(),
-                    "iou": reads["iou"].mean().item(), "strict_iou": strict_iou(size)}
+        geometry = {**summarise_reads(reads), "strict_iou": strict_iou(size)}
     else:
         captions = [f"sample {i}" for i in range(n)]
 
@@ -579,7 +578,7 @@ def sample_to_npz(checkpoint, n: int, out, *, steps: int = 20, guidance: float =
     device = state.device if state.device.type == "cuda" else torch.device("cpu")   # not "cpu:0": safetensors
     kind, gen, decode, cfg = _load_generator(checkpoint, codec, device)
     model = gen.denoiser if kind == "text" else gen
-    interval = guidance_interval_for(kind, gen, guidance_interval if guidance_interval is not None else "none")
+    interval = guidance_interval_for(kind, gen, guidance_interval)
     prompts = _protocol_captions(captions, n) if kind == "text" else None
     if captions and kind != "text":
         raise ValueError(f"captions={captions!r} is for a text-to-image pipeline; {str(checkpoint)!r} is a {kind} model")

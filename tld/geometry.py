@@ -35,7 +35,7 @@ import torch
 
 from .data import _TRIANGLE_SCALE, SHAPES, ShapesDataset, _signed_distance
 
-__all__ = ["strict_iou", "fit_shapes", "geometric_reads", "geometric_accuracy", "distorted_batch", "DISTORTIONS"]
+__all__ = ["strict_iou", "fit_shapes", "geometric_reads", "summarise_reads", "geometric_accuracy", "distorted_batch", "DISTORTIONS"]
 
 STRICT_EDGE = 1.0   # strict_iou(size) = 1 - STRICT_EDGE / size: a fixed budget of about one pixel of edge
 NOISE_FLOOR = 0.1   # coverage below this counts as background, above 1 - this as the shape (see _floor)
@@ -168,9 +168,13 @@ def geometric_accuracy(images, shapes, threshold: float | None = None, names=SHA
     *and* fitting it with IoU >= threshold (default ``strict_iou`` of the image size), 'iou': the mean IoU
     with the asked kind, 'wrong_pixels': the median count of pixels off the fitted asked kind}.
     """
-    r = geometric_reads(images, shapes, threshold, names)
-    return {"shape": r["right"].float().mean().item(), "strict": r["passed"].float().mean().item(),
-            "iou": r["iou"].mean().item(), "wrong_pixels": r["wrong_pixels"].float().median().item()}
+    return summarise_reads(geometric_reads(images, shapes, threshold, names))
+
+
+def summarise_reads(reads: dict) -> dict:
+    """``geometric_reads``' per-image tensors as ``geometric_accuracy``'s fractions, mean IoU and median wrong pixels."""
+    return {"shape": reads["right"].float().mean().item(), "strict": reads["passed"].float().mean().item(),
+            "iou": reads["iou"].mean().item(), "wrong_pixels": reads["wrong_pixels"].float().median().item()}
 
 
 # --------------------------------------------------------------------------- deliberately distorted shapes
